@@ -1,1 +1,124 @@
-fn main() {}
+//! The `mailhook` command line.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use mailhook::app::{open_store, spawn_workers, App};
+use mailhook::config::{Cli, Command, DlqCommand};
+use mailhook::queue;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let common = cli.common;
+    match cli.command {
+        Command::Serve(args) => {
+            let app = App::build(common, args)
+                .await
+                .context("starting mailhook")?;
+            app.run(shutdown_signal()).await.context("serving")?;
+        }
+        Command::Worker(args) => {
+            let store = open_store(
+                &common,
+                u32::try_from(args.concurrency).unwrap_or(1).max(1) + 1,
+            )
+            .await
+            .context("opening the database")?;
+            let broker = queue::connect(&common.broker(args.prefetch))
+                .await
+                .context("connecting to the broker")?;
+            let shutdown = shutdown_signal();
+            let mut set = JoinSet::new();
+            spawn_workers(
+                &mut set,
+                &broker,
+                &store,
+                &args,
+                &common.task_name,
+                &shutdown,
+            );
+            tracing::info!(queue = %common.queue, concurrency = args.concurrency, "worker started");
+            shutdown.cancelled().await;
+            let deadline = Duration::from_secs(args.shutdown_timeout);
+            if tokio::time::timeout(deadline, async { while set.join_next().await.is_some() {} })
+                .await
+                .is_err()
+            {
+                tracing::warn!("workers did not finish within the shutdown deadline");
+            }
+        }
+        Command::Migrate => {
+            open_store(&common, 1)
+                .await
+                .context("applying migrations")?;
+            tracing::info!(database = %redact(&common.database_url), "migrations applied");
+        }
+        Command::Dlq(cmd) => {
+            let broker = queue::connect(&common.broker(1))
+                .await
+                .context("connecting to the broker")?;
+            match cmd {
+                DlqCommand::List { limit } => {
+                    for d in broker.dlq_list(limit).await? {
+                        println!("{}", serde_json::to_string(&d)?);
+                    }
+                }
+                DlqCommand::Replay { id, all: _ } => {
+                    let n = broker.dlq_replay(id.as_deref()).await?;
+                    println!("replayed {n} message(s) onto {}", common.queue);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+/// Hides the password in a URL before it is logged.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
+}

@@ -159,10 +159,9 @@ impl PyParser<'_> {
 
     fn number(&mut self) -> Option<Value> {
         let start = self.pos;
-        while self
-            .peek()
-            .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'_'))
-        {
+        while self.peek().is_some_and(|b| {
+            b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'_')
+        }) {
             self.pos += 1;
         }
         let raw: String = self.text[start..self.pos]
@@ -380,12 +379,19 @@ mod tests {
                 out
             }
             Value::Array(items) => {
-                format!("[{}]", items.iter().map(python_repr).collect::<Vec<_>>().join(", "))
+                format!(
+                    "[{}]",
+                    items.iter().map(python_repr).collect::<Vec<_>>().join(", ")
+                )
             }
             Value::Object(map) => format!(
                 "{{{}}}",
                 map.iter()
-                    .map(|(k, v)| format!("{}: {}", python_repr(&Value::String(k.clone())), python_repr(v)))
+                    .map(|(k, v)| format!(
+                        "{}: {}",
+                        python_repr(&Value::String(k.clone())),
+                        python_repr(v)
+                    ))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),

@@ -203,9 +203,9 @@ pub fn normalize(
 
 fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
     let m = event.fields();
-    let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
-    let id_externo = event.message_id();
-    let status = event.status().to_owned();
+    let text = |k: &str| m.get(k).and_then(Value::as_str).map(clean);
+    let id_externo = clean(&event.message_id());
+    let status = clean(event.status());
     let (email, event_time_raw, event_at) = match event {
         Event::Delivery(_) => {
             let done = m.get("doneAt");
@@ -220,15 +220,17 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
         .get("status")
         .and_then(|s| s.get("name"))
         .and_then(Value::as_str)
-        .map(str::to_owned);
+        .map(clean);
     let error = m.get("error");
     let error_name = error
         .and_then(|e| e.get("name"))
         .and_then(Value::as_str)
-        .map(str::to_owned);
-    let error_permanent = error.and_then(|e| e.get("permanent")).and_then(Value::as_bool);
+        .map(clean);
+    let error_permanent = error
+        .and_then(|e| e.get("permanent"))
+        .and_then(Value::as_bool);
     let event_id = match m.get("eventId") {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() => Some(clean(s)),
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     };
@@ -236,7 +238,7 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
     let geo_text = |k: &str| {
         geo.and_then(|g| g.get(k))
             .and_then(Value::as_str)
-            .map(str::to_owned)
+            .map(clean)
     };
     let decoded = match m.get("callbackData") {
         Some(Value::String(s)) => callback_data::decode(s),
@@ -272,6 +274,15 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
         callback_data: decoded.map(|v| v.to_string()),
         raw: Value::Object(m.clone()).to_string(),
         dedupe_key,
+    }
+}
+
+/// Text columns never hold NUL: PostgreSQL's `text` cannot store it. JSON columns keep it escaped.
+fn clean(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_owned()
     }
 }
 

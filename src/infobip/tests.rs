@@ -19,11 +19,17 @@ fn example(name: &str) -> Value {
 }
 
 fn received() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2024, 7, 16, 20, 30, 0).single().expect("valid time")
+    Utc.with_ymd_and_hms(2024, 7, 16, 20, 30, 0)
+        .single()
+        .expect("valid time")
 }
 
 fn utc(s: &str) -> Option<DateTime<Utc>> {
-    Some(DateTime::parse_from_rfc3339(s).expect("test time").with_timezone(&Utc))
+    Some(
+        DateTime::parse_from_rfc3339(s)
+            .expect("test time")
+            .with_timezone(&Utc),
+    )
 }
 
 /// The columns we expect, minus `raw` and `dedupe_key` (checked by `check`).
@@ -168,8 +174,8 @@ fn example_suppressed_bounce_is_a_bare_result() {
             city: None,
         }],
     );
-    let cb: Value = serde_json::from_str(rows[0].callback_data.as_deref().unwrap_or_default())
-        .expect("json");
+    let cb: Value =
+        serde_json::from_str(rows[0].callback_data.as_deref().unwrap_or_default()).expect("json");
     assert_eq!(
         cb["qj_subject"],
         "Paulo, você foi contemplado com uma condição especial Geru! 🎁"
@@ -183,15 +189,50 @@ fn example_delivered_dict_python_literal_callback_data() {
     let rows = check(
         "delivered-dict",
         vec![
-            delivered("DELIVERED", "jymy9kls8qx59blkizg4", "xbbvalle@mail.com", 124127953, &at("621"), "fsfrqsxr66vigdfltnpz"),
-            delivered("DELIVERED", "e8d7z6zlm8o88t7k58qi", "thiagocsfoz@mail.com", 111372120, &at("547"), "u13d2uoz3z4j43kbdyfu"),
-            delivered("DELIVERED", "1ruocbp8ccqv1sx2k7uy", "lgg.noia@mail.com", 208821129, &at("564"), "p7tfqzt6kiaj2sabheaj"),
-            delivered("DELIVERED", "rap1yuru9sy6rktvgq77", "thiagogiatti0@mail.com", 277652016, &at("575"), "k1msf8rhepnazoi52c7c"),
-            delivered("DELIVERED", "hikah5b6b3hfqocz5bux", "luisgomes@mail.com", 261041888, &at("582"), "mprhxcn1g79hhi4hyops"),
+            delivered(
+                "DELIVERED",
+                "jymy9kls8qx59blkizg4",
+                "xbbvalle@mail.com",
+                124127953,
+                &at("621"),
+                "fsfrqsxr66vigdfltnpz",
+            ),
+            delivered(
+                "DELIVERED",
+                "e8d7z6zlm8o88t7k58qi",
+                "thiagocsfoz@mail.com",
+                111372120,
+                &at("547"),
+                "u13d2uoz3z4j43kbdyfu",
+            ),
+            delivered(
+                "DELIVERED",
+                "1ruocbp8ccqv1sx2k7uy",
+                "lgg.noia@mail.com",
+                208821129,
+                &at("564"),
+                "p7tfqzt6kiaj2sabheaj",
+            ),
+            delivered(
+                "DELIVERED",
+                "rap1yuru9sy6rktvgq77",
+                "thiagogiatti0@mail.com",
+                277652016,
+                &at("575"),
+                "k1msf8rhepnazoi52c7c",
+            ),
+            delivered(
+                "DELIVERED",
+                "hikah5b6b3hfqocz5bux",
+                "luisgomes@mail.com",
+                261041888,
+                &at("582"),
+                "mprhxcn1g79hhi4hyops",
+            ),
         ],
     );
-    let cb: Value = serde_json::from_str(rows[0].callback_data.as_deref().unwrap_or_default())
-        .expect("json");
+    let cb: Value =
+        serde_json::from_str(rows[0].callback_data.as_deref().unwrap_or_default()).expect("json");
     assert_eq!(
         cb["qj_subject"],
         "Alexandre, agora você pode contar com a QuiteJá para dar adeus a pendência Geru!"
@@ -289,13 +330,18 @@ fn example_complained() {
 }
 
 fn key(payload: &Value) -> String {
-    normalize(payload, received()).expect("valid")[0].dedupe_key.clone()
+    normalize(payload, received()).expect("valid")[0]
+        .dedupe_key
+        .clone()
 }
 
 #[test]
 fn dedupe_keys_separate_genuine_events_and_join_redeliveries() {
     let opened = example("opened");
-    let later = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).single().expect("time");
+    let later = Utc
+        .with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
+        .single()
+        .expect("time");
     // A redelivery, received later, is the same event.
     assert_eq!(
         key(&opened),
@@ -325,12 +371,18 @@ fn event_id_is_the_dedupe_key_when_present() {
     let mut c = a.clone();
     c["eventId"] = json!("evt-2");
     assert_ne!(key(&a), key(&c));
-    assert_eq!(normalize(&a, received()).expect("valid")[0].event_id.as_deref(), Some("evt-1"));
+    assert_eq!(
+        normalize(&a, received()).expect("valid")[0]
+            .event_id
+            .as_deref(),
+        Some("evt-1")
+    );
 }
 
 #[test]
 fn numeric_message_id_and_new_notification_types() {
-    let payload = json!({"notificationType": "LATE_BOUNCE", "messageId": 12345, "recipient": "a@b.c"});
+    let payload =
+        json!({"notificationType": "LATE_BOUNCE", "messageId": 12345, "recipient": "a@b.c"});
     let rows = normalize(&payload, received()).expect("valid");
     assert_eq!(rows[0].status, "LATE_BOUNCE");
     assert_eq!(rows[0].id_externo, "12345");
@@ -338,7 +390,10 @@ fn numeric_message_id_and_new_notification_types() {
     assert_eq!(rows[0].callback_data, None);
     assert_eq!(rows[0].event_at, None);
     let future = json!({"notificationType": "SOMETHING_NEW", "messageId": "m"});
-    assert_eq!(normalize(&future, received()).expect("valid")[0].status, "SOMETHING_NEW");
+    assert_eq!(
+        normalize(&future, received()).expect("valid")[0].status,
+        "SOMETHING_NEW"
+    );
 }
 
 #[test]
@@ -359,8 +414,14 @@ fn not_callbacks_are_refused_with_a_reason() {
         (json!("x"), PayloadError::NotAnObject("a string")),
         (json!({}), PayloadError::NotACallback),
         (json!({"foo": 1}), PayloadError::NotACallback),
-        (json!({"results": "x"}), PayloadError::ResultsNotAList("a string")),
-        (json!({"results": {}}), PayloadError::ResultsNotAList("an object")),
+        (
+            json!({"results": "x"}),
+            PayloadError::ResultsNotAList("a string"),
+        ),
+        (
+            json!({"results": {}}),
+            PayloadError::ResultsNotAList("an object"),
+        ),
         (json!({"results": []}), PayloadError::NoResults),
         (
             json!({"results": [{}]}),
@@ -378,24 +439,50 @@ fn not_callbacks_are_refused_with_a_reason() {
             json!({"results": [{"status": {"groupName": "DELIVERED"}}]}),
             PayloadError::InResult(0, Box::new(PayloadError::MissingMessageId)),
         ),
-        (json!({"notificationType": "OPENED"}), PayloadError::MissingMessageId),
-        (json!({"notificationType": "OPENED", "messageId": ""}), PayloadError::BadMessageId),
-        (json!({"notificationType": "OPENED", "messageId": [1]}), PayloadError::BadMessageId),
-        (json!({"notificationType": "", "messageId": "m"}), PayloadError::BadNotificationType),
-        (json!({"notificationType": 7, "messageId": "m"}), PayloadError::BadNotificationType),
+        (
+            json!({"notificationType": "OPENED"}),
+            PayloadError::MissingMessageId,
+        ),
+        (
+            json!({"notificationType": "OPENED", "messageId": ""}),
+            PayloadError::BadMessageId,
+        ),
+        (
+            json!({"notificationType": "OPENED", "messageId": [1]}),
+            PayloadError::BadMessageId,
+        ),
+        (
+            json!({"notificationType": "", "messageId": "m"}),
+            PayloadError::BadNotificationType,
+        ),
+        (
+            json!({"notificationType": 7, "messageId": "m"}),
+            PayloadError::BadNotificationType,
+        ),
     ];
     for (payload, expected) in cases {
-        assert_eq!(parse(&payload).map(|c| c.events.len()).unwrap_err(), expected, "{payload}");
+        assert_eq!(
+            parse(&payload).map(|c| c.events.len()).unwrap_err(),
+            expected,
+            "{payload}"
+        );
     }
-    let many = json!({"results": vec![json!({"messageId": "m", "status": "DELIVERED"}); MAX_RESULTS + 1]});
-    assert_eq!(parse(&many).unwrap_err(), PayloadError::TooManyResults(MAX_RESULTS + 1));
+    let many =
+        json!({"results": vec![json!({"messageId": "m", "status": "DELIVERED"}); MAX_RESULTS + 1]});
+    assert_eq!(
+        parse(&many).unwrap_err(),
+        PayloadError::TooManyResults(MAX_RESULTS + 1)
+    );
 }
 
 #[test]
 fn the_largest_bucket_is_accepted() {
     let result = example("delivered")["results"][0].clone();
     let payload = json!({"results": vec![result; MAX_RESULTS]});
-    assert_eq!(normalize(&payload, received()).expect("valid").len(), MAX_RESULTS);
+    assert_eq!(
+        normalize(&payload, received()).expect("valid").len(),
+        MAX_RESULTS
+    );
 }
 
 fn arb_json() -> impl Strategy<Value = Value> {
@@ -403,18 +490,34 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|i| Value::Number(i.into())),
-        any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f).map(Value::Number)),
+        any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f)
+            .map(Value::Number)),
         "\\PC{0,12}".prop_map(Value::String),
         prop_oneof![
-            Just("results"), Just("notificationType"), Just("messageId"), Just("status"),
-            Just("groupName"), Just("callbackData"), Just("doneAt"), Just("sendDateTime"),
-        ].prop_map(|s| Value::String(s.into())),
+            Just("results"),
+            Just("notificationType"),
+            Just("messageId"),
+            Just("status"),
+            Just("groupName"),
+            Just("callbackData"),
+            Just("doneAt"),
+            Just("sendDateTime"),
+        ]
+        .prop_map(|s| Value::String(s.into())),
     ];
     let key = prop_oneof![
-        Just("results".to_owned()), Just("notificationType".to_owned()), Just("messageId".to_owned()),
-        Just("status".to_owned()), Just("groupName".to_owned()), Just("callbackData".to_owned()),
-        Just("doneAt".to_owned()), Just("sendDateTime".to_owned()), Just("eventId".to_owned()),
-        Just("error".to_owned()), Just("geoLocation".to_owned()), "\\PC{0,6}",
+        Just("results".to_owned()),
+        Just("notificationType".to_owned()),
+        Just("messageId".to_owned()),
+        Just("status".to_owned()),
+        Just("groupName".to_owned()),
+        Just("callbackData".to_owned()),
+        Just("doneAt".to_owned()),
+        Just("sendDateTime".to_owned()),
+        Just("eventId".to_owned()),
+        Just("error".to_owned()),
+        Just("geoLocation".to_owned()),
+        "\\PC{0,6}",
     ];
     leaf.prop_recursive(5, 64, 6, move |inner| {
         prop_oneof![

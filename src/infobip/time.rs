@@ -55,7 +55,14 @@ mod tests {
 
     #[test]
     fn garbage_is_none() {
-        for v in [json!("yesterday"), json!(null), json!(1.5), json!(""), json!(i64::MAX), json!("99999999999999999999999")] {
+        for v in [
+            json!("yesterday"),
+            json!(null),
+            json!(1.5),
+            json!(""),
+            json!(i64::MAX),
+            json!("99999999999999999999999"),
+        ] {
             assert_eq!(parse_event_time(&v), None, "{v}");
         }
     }

@@ -1,0 +1,68 @@
+//! `POST /email`: validate, queue durably, answer 202.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::infobip;
+use crate::queue::TaskMessage;
+
+/// Message ids logged per callback at info; the rest are counted.
+const LOGGED_IDS: usize = 5;
+
+/// Accepts one Infobip callback and answers once it is durably queued.
+pub async fn receive(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let received_at = Utc::now();
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::EmptyBody);
+    }
+    if let Err(e) = std::str::from_utf8(&body) {
+        return Err(ApiError::InvalidUtf8(e.valid_up_to()));
+    }
+    // serde_json refuses nesting deeper than 128 levels instead of recursing into it.
+    let payload: Value = serde_json::from_slice(&body)?;
+    let callback = infobip::parse(&payload)?;
+
+    let msg = TaskMessage::for_payload(&state.task_name, &body, received_at);
+    let mut statuses: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in &callback.events {
+        *statuses.entry(e.status()).or_default() += 1;
+    }
+    let ids: Vec<String> = callback
+        .events
+        .iter()
+        .take(LOGGED_IDS)
+        .map(infobip::Event::message_id)
+        .collect();
+    state.broker.publish(&msg).await?;
+    tracing::info!(
+        task_id = %msg.id,
+        events = callback.events.len(),
+        ?statuses,
+        message_ids = ?ids,
+        more_ids = callback.events.len().saturating_sub(LOGGED_IDS),
+        "callback accepted"
+    );
+    tracing::debug!(task_id = %msg.id, payload = %String::from_utf8_lossy(&body), "callback payload");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "status": "queued",
+            "task_id": msg.id,
+            "events": callback.events.len(),
+            "queue": state.queue,
+        })),
+    ))
+}

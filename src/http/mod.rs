@@ -1,0 +1,44 @@
+//! The HTTP API: the router, one module per resource, errors mapped in `error.rs`.
+
+pub mod email;
+pub mod error;
+pub mod health;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::queue::Broker;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Where accepted callbacks go.
+    pub broker: Arc<dyn Broker>,
+    /// Celery task name put on each message.
+    pub task_name: Arc<str>,
+    /// Queue name, echoed in the 202 body.
+    pub queue: Arc<str>,
+    /// Largest accepted body, in bytes.
+    pub body_limit: usize,
+}
+
+/// Builds the router.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let limit = state.body_limit;
+    Router::new()
+        .route("/email", post(email::receive))
+        .route("/health", get(health::health))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,180 @@
+//! Celery's task message, protocol v2, as Celery and Kombu 5.x write it.
+//!
+//! The body is `[args, kwargs, embed]` = `[[payload], {"received_at": ...}, {callbacks...}]`.
+//! We write it by splicing the already-validated request body into a template, so the payload is
+//! never re-serialized on the accept path.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Map, Value};
+use thiserror::Error;
+
+/// Default Celery task name for a callback.
+pub const DEFAULT_TASK: &str = "mailhook.process_email_callback";
+
+/// A Celery task message ready to publish.
+#[derive(Debug, Clone)]
+pub struct TaskMessage {
+    /// Task id (uuid4), also the AMQP `correlation_id`.
+    pub id: String,
+    /// Task name, e.g. `mailhook.process_email_callback`.
+    pub task: String,
+    /// The JSON body `[args, kwargs, embed]`.
+    pub body: Vec<u8>,
+}
+
+impl TaskMessage {
+    /// Wraps a JSON payload (already validated) as the single argument of `task`.
+    pub fn for_payload(task: &str, payload_json: &[u8], received_at: DateTime<Utc>) -> Self {
+        const EMBED: &[u8] = br#"{"callbacks":null,"errbacks":null,"chain":null,"chord":null}"#;
+        let received = received_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let mut body = Vec::with_capacity(payload_json.len() + 128);
+        body.extend_from_slice(b"[[");
+        body.extend_from_slice(payload_json);
+        body.extend_from_slice(b"],{\"received_at\":\"");
+        body.extend_from_slice(received.as_bytes());
+        body.extend_from_slice(b"\"},");
+        body.extend_from_slice(EMBED);
+        body.push(b']');
+        TaskMessage {
+            id: uuid::Uuid::new_v4().to_string(),
+            task: task.to_owned(),
+            body,
+        }
+    }
+
+    /// The message headers Celery's `as_task_v2` writes.
+    pub fn headers(&self) -> Map<String, Value> {
+        let origin = format!(
+            "gen{}@{}",
+            std::process::id(),
+            gethostname::gethostname().to_string_lossy()
+        );
+        let headers = json!({
+            "lang": "py",
+            "task": self.task,
+            "id": self.id,
+            "shadow": null,
+            "eta": null,
+            "expires": null,
+            "group": null,
+            "group_index": null,
+            "retries": 0,
+            "timelimit": [null, null],
+            "root_id": self.id,
+            "parent_id": null,
+            "argsrepr": format!("[<payload of {} bytes>]", self.body.len()),
+            "kwargsrepr": "{}",
+            "origin": origin,
+            "ignore_result": false,
+            "replaced_task_nesting": 0,
+            "stamped_headers": null,
+            "stamps": {},
+        });
+        match headers {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+}
+
+/// Why a task body cannot be read as a callback task.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BodyError {
+    #[error("task body is not JSON: {0}")]
+    NotJson(String),
+    #[error("task body must be [args, kwargs, embed] with args = [payload]")]
+    BadShape,
+}
+
+/// The payload and receive time carried by a task body.
+#[derive(Debug)]
+pub struct TaskArgs {
+    /// The Infobip payload.
+    pub payload: Value,
+    /// `kwargs.received_at`, when the producer set it (Python producers may not).
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+/// Reads a protocol-v2 body `[[payload], {"received_at": ...}, {...}]`.
+pub fn decode_body(body: &[u8]) -> Result<TaskArgs, BodyError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let Value::Array(mut parts) = v else {
+        return Err(BodyError::BadShape);
+    };
+    if parts.is_empty() {
+        return Err(BodyError::BadShape);
+    }
+    let kwargs = parts.get(1).cloned();
+    let Value::Array(mut args) = parts.swap_remove(0) else {
+        return Err(BodyError::BadShape);
+    };
+    if args.len() != 1 {
+        return Err(BodyError::BadShape);
+    }
+    let payload = args.swap_remove(0);
+    let received_at = kwargs
+        .as_ref()
+        .and_then(|k| k.get("received_at"))
+        .and_then(Value::as_str)
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc));
+    Ok(TaskArgs {
+        payload,
+        received_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn body_round_trips_and_matches_celery_shape() {
+        let at = Utc
+            .with_ymd_and_hms(2024, 7, 16, 20, 30, 0)
+            .single()
+            .expect("time");
+        let payload = br#"{"notificationType": "OPENED", "messageId": "m"}"#;
+        let msg = TaskMessage::for_payload(DEFAULT_TASK, payload, at);
+        let v: Value = serde_json::from_slice(&msg.body).expect("body is JSON");
+        assert_eq!(
+            v,
+            json!([
+                [{"notificationType": "OPENED", "messageId": "m"}],
+                {"received_at": "2024-07-16T20:30:00.000000Z"},
+                {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
+            ])
+        );
+        let args = decode_body(&msg.body).expect("decodes");
+        assert_eq!(args.payload["messageId"], "m");
+        assert_eq!(args.received_at, Some(at));
+        let h = msg.headers();
+        assert_eq!(h["task"], DEFAULT_TASK);
+        assert_eq!(h["id"], msg.id.as_str());
+        assert_eq!(h["root_id"], msg.id.as_str());
+        assert_eq!(h["lang"], "py");
+    }
+
+    #[test]
+    fn python_producer_without_kwargs() {
+        let args = decode_body(br#"[[{"a": 1}], {}, {}]"#).expect("decodes");
+        assert_eq!(args.payload, json!({"a": 1}));
+        assert_eq!(args.received_at, None);
+        let args = decode_body(br#"[[{"a": 1}]]"#).expect("decodes");
+        assert_eq!(args.received_at, None);
+    }
+
+    #[test]
+    fn bad_bodies() {
+        assert!(matches!(decode_body(b"nope"), Err(BodyError::NotJson(_))));
+        assert_eq!(decode_body(b"{}").unwrap_err(), BodyError::BadShape);
+        assert_eq!(decode_body(b"[]").unwrap_err(), BodyError::BadShape);
+        assert_eq!(decode_body(b"[[], {}]").unwrap_err(), BodyError::BadShape);
+        assert_eq!(
+            decode_body(b"[[1, 2], {}]").unwrap_err(),
+            BodyError::BadShape
+        );
+        assert_eq!(decode_body(b"[{}, {}]").unwrap_err(), BodyError::BadShape);
+    }
+}

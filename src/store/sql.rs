@@ -1,0 +1,145 @@
+//! SQLite and PostgreSQL stores. The SQL is the same but for placeholders and JSON casts, which
+//! sqlx's `QueryBuilder` and a per-backend suffix take care of; a macro writes both impls so they
+//! cannot drift apart.
+
+use async_trait::async_trait;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::SqlitePoolOptions;
+use sqlx::{PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
+
+use super::{Store, StoreError, StoredCallback};
+use crate::infobip::NewCallback;
+
+/// Rows per INSERT statement: 18 parameters each stays under both databases' limits.
+const CHUNK: usize = 1000;
+
+const COLUMNS: &str = "INSERT INTO email_callback (status, email, data_recebimento, id_externo, \
+    qj_contact_id, event_at, status_name, error_name, error_permanent, bulk_id, event_id, url, \
+    country, city, callback_data, raw, dedupe_key) ";
+
+/// `email_callback` in a SQLite file (WAL, `synchronous=FULL`).
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let opts = crate::queue::sqlite::connect_options(url)?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(opts)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+/// `email_callback` in PostgreSQL.
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to PostgreSQL.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(PostgresStore { pool })
+    }
+}
+
+/// PostgreSQL `jsonb` refuses `\u0000`; keep the rest of the document intact.
+fn pg_json(text: &str) -> String {
+    text.replace("\\u0000", "\\ufffd")
+}
+
+macro_rules! sql_store {
+    ($store:ty, $db:ty, $migrations:literal, $json_cast:literal, $json_read:literal, $json:expr) => {
+        #[async_trait]
+        impl Store for $store {
+            async fn migrate(&self) -> Result<(), StoreError> {
+                sqlx::migrate!($migrations).run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn insert_batch(&self, rows: &[NewCallback]) -> Result<u64, StoreError> {
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                let json: fn(&str) -> String = $json;
+                let mut tx = self.pool.begin().await?;
+                let mut inserted = 0;
+                for chunk in rows.chunks(CHUNK) {
+                    let mut q = QueryBuilder::<$db>::new(COLUMNS);
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(&r.status)
+                            .push_bind(&r.email)
+                            .push_bind(r.data_recebimento)
+                            .push_bind(&r.id_externo)
+                            .push_bind(r.qj_contact_id)
+                            .push_bind(r.event_at)
+                            .push_bind(&r.status_name)
+                            .push_bind(&r.error_name)
+                            .push_bind(r.error_permanent)
+                            .push_bind(&r.bulk_id)
+                            .push_bind(&r.event_id)
+                            .push_bind(&r.url)
+                            .push_bind(&r.country)
+                            .push_bind(&r.city)
+                            .push_bind(r.callback_data.as_deref().map(json))
+                            .push_unseparated($json_cast)
+                            .push_bind(json(&r.raw))
+                            .push_unseparated($json_cast)
+                            .push_bind(&r.dedupe_key);
+                    });
+                    q.push(" ON CONFLICT (dedupe_key) DO NOTHING");
+                    inserted += q.build().execute(&mut *tx).await?.rows_affected();
+                }
+                tx.commit().await?;
+                Ok(inserted)
+            }
+
+            async fn by_id_externo(
+                &self,
+                id_externo: &str,
+            ) -> Result<Vec<StoredCallback>, StoreError> {
+                let mut q = QueryBuilder::<$db>::new(concat!(
+                    "SELECT id, status, email, data_recebimento, id_externo, qj_contact_id, ",
+                    "event_at, status_name, error_name, error_permanent, bulk_id, event_id, url, ",
+                    "country, city, callback_data",
+                    $json_read,
+                    " AS callback_data, raw",
+                    $json_read,
+                    " AS raw, dedupe_key FROM email_callback WHERE id_externo = "
+                ));
+                q.push_bind(id_externo).push(" ORDER BY id");
+                Ok(q.build_query_as().fetch_all(&self.pool).await?)
+            }
+
+            async fn count(&self) -> Result<i64, StoreError> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM email_callback")
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+sql_store!(SqliteStore, Sqlite, "migrations/sqlite", "", "", |s| s
+    .to_owned());
+sql_store!(
+    PostgresStore,
+    Postgres,
+    "migrations/postgres",
+    "::jsonb",
+    "::text",
+    pg_json
+);

@@ -1,0 +1,173 @@
+//! The consume loop: fetch a batch, normalize, insert every row in one transaction, then ack.
+//!
+//! Delivery is at least once (a crash between commit and ack redelivers the batch); the unique
+//! `dedupe_key` makes the insert idempotent, so the table sees each event exactly once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::infobip::{self, NewCallback};
+use crate::queue::{celery, Broker, Delivery};
+use crate::store::Store;
+
+/// How the worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Task name this worker handles; other names are dead-lettered.
+    pub task_name: String,
+    /// Messages fetched per batch.
+    pub batch_size: usize,
+    /// Deliveries before a message that keeps failing is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; doubled per attempt, with jitter, up to `max_backoff`.
+    pub base_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            task_name: celery::DEFAULT_TASK.to_owned(),
+            batch_size: 256,
+            max_attempts: 10,
+            base_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A worker bound to one broker and one store.
+pub struct Worker {
+    broker: Arc<dyn Broker>,
+    store: Arc<dyn Store>,
+    cfg: WorkerConfig,
+}
+
+impl Worker {
+    /// Creates a worker.
+    pub fn new(broker: Arc<dyn Broker>, store: Arc<dyn Store>, cfg: WorkerConfig) -> Self {
+        Worker { broker, store, cfg }
+    }
+
+    /// Runs until `shutdown` fires; the batch in hand is finished (stored and acked) first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut broker_failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let fetched = tokio::select! {
+                r = self.broker.fetch(self.cfg.batch_size, Duration::from_secs(1)) => r,
+                () = shutdown.cancelled() => break,
+            };
+            match fetched {
+                Ok(batch) => {
+                    broker_failures = 0;
+                    if !batch.is_empty() {
+                        self.process(batch).await;
+                    }
+                }
+                Err(e) => {
+                    broker_failures = broker_failures.saturating_add(1);
+                    let wait = self.backoff(broker_failures);
+                    tracing::warn!(error = %e, retry_in = ?wait, "fetch failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        tracing::info!("worker stopped");
+    }
+
+    /// Stores one batch and settles every message in it: acked, retried or dead-lettered.
+    pub async fn process(&self, batch: Vec<Delivery>) {
+        let span = tracing::info_span!("batch", messages = batch.len());
+        self.settle(batch).instrument(span).await;
+    }
+
+    async fn settle(&self, batch: Vec<Delivery>) {
+        let mut rows: Vec<NewCallback> = Vec::new();
+        let mut good: Vec<Delivery> = Vec::with_capacity(batch.len());
+        for d in batch {
+            match self.decode(&d) {
+                Ok(r) => {
+                    rows.extend(r);
+                    good.push(d);
+                }
+                Err(reason) => {
+                    tracing::error!(task_id = %d.task_id, %reason, "dead-lettering message");
+                    if let Err(e) = self.broker.dead_letter(&d, &reason).await {
+                        // Not acked either: the message comes back and we try again.
+                        tracing::error!(task_id = %d.task_id, error = %e, "dead-letter failed");
+                    }
+                }
+            }
+        }
+        if good.is_empty() {
+            return;
+        }
+        match self.store.insert_batch(&rows).await {
+            Ok(inserted) => {
+                let duplicates = rows.len() as u64 - inserted;
+                tracing::info!(
+                    messages = good.len(),
+                    events = rows.len(),
+                    inserted,
+                    duplicates,
+                    "batch stored"
+                );
+                if let Err(e) = self.broker.ack(&good).await {
+                    // The rows are committed; redelivery will find them and insert nothing.
+                    tracing::warn!(error = %e, "ack failed; messages will be redelivered");
+                }
+            }
+            Err(e) => {
+                let (exhausted, again): (Vec<_>, Vec<_>) = good
+                    .into_iter()
+                    .partition(|d| d.attempts >= self.cfg.max_attempts);
+                for d in &exhausted {
+                    let reason = format!("gave up after {} attempts: {e}", d.attempts);
+                    tracing::error!(task_id = %d.task_id, %reason, "dead-lettering message");
+                    if let Err(e) = self.broker.dead_letter(d, &reason).await {
+                        tracing::error!(task_id = %d.task_id, error = %e, "dead-letter failed");
+                    }
+                }
+                let attempts = again.iter().map(|d| d.attempts).max().unwrap_or(1);
+                let wait = self.backoff(attempts);
+                tracing::warn!(error = %e, messages = again.len(), retry_in = ?wait, "store failed; retrying");
+                if let Err(e) = self.broker.retry(&again, wait).await {
+                    tracing::warn!(error = %e, "could not schedule retry; messages will be redelivered");
+                }
+            }
+        }
+    }
+
+    /// A message's rows, or why it can never be stored.
+    fn decode(&self, d: &Delivery) -> Result<Vec<NewCallback>, String> {
+        if d.task != self.cfg.task_name {
+            return Err(format!(
+                "unknown task name `{}` (this worker handles `{}`)",
+                d.task, self.cfg.task_name
+            ));
+        }
+        let args = celery::decode_body(&d.body).map_err(|e| e.to_string())?;
+        let received = args.received_at.unwrap_or_else(Utc::now);
+        infobip::normalize(&args.payload, received).map_err(|e| format!("payload rejected: {e}"))
+    }
+
+    /// Exponential backoff with full jitter in the upper half: `base * 2^(n-1)`, capped.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .cfg
+            .base_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let cap = exp.min(self.cfg.max_backoff);
+        let half = cap / 2;
+        half + cap.mul_f64(rand::thread_rng().gen_range(0.0..0.5))
+    }
+}

@@ -1,0 +1,193 @@
+//! One contract, every broker: the same functions run against each backend.
+//! Backends whose server is absent are skipped locally and fail under CI=true.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use mailhook::queue::{self, Broker, BrokerConfig, TaskMessage};
+
+fn msg(n: usize) -> TaskMessage {
+    let payload = format!(r#"{{"notificationType":"OPENED","messageId":"m-{n}"}}"#);
+    TaskMessage::for_payload(queue::celery::DEFAULT_TASK, payload.as_bytes(), Utc::now())
+}
+
+/// Fetches until `n` deliveries arrived or the deadline passes.
+async fn fetch_n(b: &Arc<dyn Broker>, n: usize) -> Vec<queue::Delivery> {
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < n && std::time::Instant::now() < deadline {
+        got.extend(
+            b.fetch(n - got.len(), Duration::from_millis(500))
+                .await
+                .expect("fetch"),
+        );
+    }
+    got
+}
+
+/// Published messages come out whole, in order, and are gone once acked.
+pub async fn publish_fetch_ack(b: Arc<dyn Broker>) {
+    let sent: Vec<_> = (0..5).map(msg).collect();
+    for m in &sent {
+        b.publish(m).await.expect("publish");
+    }
+    let got = fetch_n(&b, 5).await;
+    assert_eq!(got.len(), 5);
+    for (d, m) in got.iter().zip(&sent) {
+        assert_eq!(d.task_id, m.id);
+        assert_eq!(d.task, m.task);
+        assert_eq!(d.body, m.body);
+        assert_eq!(d.attempts, 1);
+    }
+    b.ack(&got).await.expect("ack");
+    let rest = b
+        .fetch(10, Duration::from_millis(300))
+        .await
+        .expect("fetch");
+    assert!(rest.is_empty(), "acked messages do not come back");
+}
+
+/// An unacked message comes back after the visibility timeout (or on consumer loss).
+pub async fn unacked_comes_back(
+    b: Arc<dyn Broker>,
+    reopen: impl std::future::Future<Output = Arc<dyn Broker>>,
+) {
+    let m = msg(1);
+    b.publish(&m).await.expect("publish");
+    let got = fetch_n(&b, 1).await;
+    assert_eq!(got.len(), 1);
+    drop(got);
+    drop(b);
+    let b = reopen.await;
+    let again = fetch_n(&b, 1).await;
+    assert_eq!(again.len(), 1, "the unacked message is delivered again");
+    assert_eq!(again[0].task_id, m.id);
+    b.ack(&again).await.expect("ack");
+}
+
+/// A retried message is delivered again, with its attempt counted.
+pub async fn retry_redelivers(b: Arc<dyn Broker>) {
+    let m = msg(2);
+    b.publish(&m).await.expect("publish");
+    let got = fetch_n(&b, 1).await;
+    b.retry(&got, Duration::from_millis(200))
+        .await
+        .expect("retry");
+    let again = fetch_n(&b, 1).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].task_id, m.id);
+    assert!(
+        again[0].attempts >= 2,
+        "attempts counted: {}",
+        again[0].attempts
+    );
+    b.ack(&again).await.expect("ack");
+}
+
+/// Dead letters are listed with their reason and can be replayed, one or all.
+pub async fn dead_letter_and_replay(b: Arc<dyn Broker>) {
+    for i in 10..13 {
+        b.publish(&msg(i)).await.expect("publish");
+    }
+    let got = fetch_n(&b, 3).await;
+    assert_eq!(got.len(), 3);
+    for d in &got {
+        b.dead_letter(d, "unknown task name `x`")
+            .await
+            .expect("dead letter");
+    }
+    assert!(b
+        .fetch(10, Duration::from_millis(300))
+        .await
+        .expect("fetch")
+        .is_empty());
+    let dl = b.dlq_list(10).await.expect("list");
+    assert_eq!(dl.len(), 3);
+    assert!(dl
+        .iter()
+        .all(|d| d.reason == "unknown task name `x`" && d.attempts >= 1));
+    assert_eq!(b.dlq_replay(Some(&dl[0].id)).await.expect("replay one"), 1);
+    assert!(b.dlq_replay(Some("no-such-id")).await.is_err());
+    let one = fetch_n(&b, 1).await;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].task_id, dl[0].task_id);
+    b.ack(&one).await.expect("ack");
+    assert_eq!(b.dlq_replay(None).await.expect("replay all"), 2);
+    assert!(b.dlq_list(10).await.expect("list").is_empty());
+    let rest = fetch_n(&b, 2).await;
+    assert_eq!(rest.len(), 2);
+    b.ack(&rest).await.expect("ack");
+}
+
+/// Concurrent publishers all land, each exactly once.
+pub async fn concurrent_publish(b: Arc<dyn Broker>) {
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let m = msg(1000 + i);
+            b.publish(&m).await.expect("publish");
+            m.id
+        }));
+    }
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.push(t.await.expect("task"));
+    }
+    let got = fetch_n(&b, 200).await;
+    let mut ids: Vec<_> = got.iter().map(|d| d.task_id.clone()).collect();
+    ids.sort();
+    sent.sort();
+    assert_eq!(ids, sent);
+    b.ack(&got).await.expect("ack");
+}
+
+mod sqlite {
+    use super::*;
+
+    fn cfg(dir: &std::path::Path) -> BrokerConfig {
+        BrokerConfig {
+            url: format!("sqlite://{}", dir.join("q.db").display()),
+            queue: "email-webhook".into(),
+            visibility_timeout: Duration::from_secs(1),
+            prefetch: 64,
+        }
+    }
+
+    async fn open(dir: &std::path::Path) -> Arc<dyn Broker> {
+        queue::connect(&cfg(dir)).await.expect("sqlite broker")
+    }
+
+    #[tokio::test]
+    async fn publish_fetch_ack() {
+        let d = tempfile::tempdir().expect("dir");
+        super::publish_fetch_ack(open(d.path()).await).await;
+    }
+
+    #[tokio::test]
+    async fn unacked_comes_back() {
+        let d = tempfile::tempdir().expect("dir");
+        super::unacked_comes_back(open(d.path()).await, open(d.path())).await;
+    }
+
+    #[tokio::test]
+    async fn retry_redelivers() {
+        let d = tempfile::tempdir().expect("dir");
+        super::retry_redelivers(open(d.path()).await).await;
+    }
+
+    #[tokio::test]
+    async fn dead_letter_and_replay() {
+        let d = tempfile::tempdir().expect("dir");
+        super::dead_letter_and_replay(open(d.path()).await).await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_publish() {
+        let d = tempfile::tempdir().expect("dir");
+        super::concurrent_publish(open(d.path()).await).await;
+    }
+}

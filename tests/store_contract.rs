@@ -1,0 +1,154 @@
+//! One contract, every database: the same functions run against SQLite and PostgreSQL.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use mailhook::infobip::normalize;
+use mailhook::store::{self, Store};
+use serde_json::Value;
+
+fn rows_of(name: &str) -> Vec<mailhook::infobip::NewCallback> {
+    let payload: Value = serde_json::from_str(&common::example(name)).expect("json");
+    normalize(&payload, Utc::now()).expect("valid")
+}
+
+/// Every example's rows round-trip through the table column for column.
+pub async fn examples_round_trip(s: Arc<dyn Store>) {
+    for name in common::EXAMPLES {
+        let rows = rows_of(name);
+        assert_eq!(
+            s.insert_batch(&rows).await.expect("insert"),
+            rows.len() as u64,
+            "{name}"
+        );
+        for r in &rows {
+            let stored = s.by_id_externo(&r.id_externo).await.expect("read");
+            let got = stored
+                .iter()
+                .find(|x| x.dedupe_key == r.dedupe_key)
+                .unwrap_or_else(|| panic!("{name}: row {} stored", r.id_externo));
+            assert_eq!(got.status, r.status);
+            assert_eq!(got.email, r.email);
+            assert_eq!(got.id_externo, r.id_externo);
+            assert_eq!(got.qj_contact_id, r.qj_contact_id);
+            assert_eq!(
+                got.data_recebimento.timestamp_micros(),
+                r.data_recebimento.timestamp_micros()
+            );
+            assert_eq!(got.event_at, r.event_at);
+            assert_eq!(got.status_name, r.status_name);
+            assert_eq!(got.error_name, r.error_name);
+            assert_eq!(got.error_permanent, r.error_permanent);
+            assert_eq!(got.bulk_id, r.bulk_id);
+            assert_eq!(got.event_id, r.event_id);
+            assert_eq!(got.url, r.url);
+            assert_eq!(got.country, r.country);
+            assert_eq!(got.city, r.city);
+            let json = |s: &str| serde_json::from_str::<Value>(s).expect("json column");
+            assert_eq!(
+                got.callback_data.as_deref().map(json),
+                r.callback_data.as_deref().map(json)
+            );
+            assert_eq!(json(&got.raw), json(&r.raw));
+        }
+    }
+    assert_eq!(s.count().await.expect("count"), 12);
+}
+
+/// Inserting the same events again adds nothing, even all of them in one batch.
+pub async fn insert_is_idempotent(s: Arc<dyn Store>) {
+    let rows = rows_of("delivered-dict");
+    assert_eq!(s.insert_batch(&rows).await.expect("insert"), 5);
+    assert_eq!(s.insert_batch(&rows).await.expect("again"), 0);
+    let mut mixed = rows_of("opened");
+    mixed.extend(rows.clone());
+    mixed.extend(rows_of("opened"));
+    assert_eq!(s.insert_batch(&mixed).await.expect("mixed"), 1);
+    assert_eq!(s.count().await.expect("count"), 6);
+}
+
+/// A batch larger than one statement's parameter limit goes in whole.
+pub async fn large_batch(s: Arc<dyn Store>) {
+    let base = rows_of("delivered").remove(0);
+    let rows: Vec<_> = (0..4500)
+        .map(|i| {
+            let mut r = base.clone();
+            r.id_externo = format!("m-{i}");
+            r.dedupe_key = format!("k-{i}");
+            r
+        })
+        .collect();
+    assert_eq!(s.insert_batch(&rows).await.expect("insert"), 4500);
+    assert_eq!(s.count().await.expect("count"), 4500);
+}
+
+/// Text that PostgreSQL is picky about (NUL escapes, astral characters) is stored.
+pub async fn awkward_text(s: Arc<dyn Store>) {
+    let payload = serde_json::json!({
+        "notificationType": "OPENED", "messageId": "nul", "recipient": "a\u{0}b@x.y",
+        "callbackData": "{\"qj_contact_id\": \"5\", \"s\": \"\\u0000 🎁\"}"
+    });
+    let rows = normalize(&payload, Utc::now()).expect("valid");
+    assert_eq!(s.insert_batch(&rows).await.expect("insert"), 1);
+    let got = s.by_id_externo("nul").await.expect("read");
+    assert_eq!(got[0].qj_contact_id, Some(5));
+    assert!(got[0]
+        .callback_data
+        .as_deref()
+        .is_some_and(|c| c.contains('🎁')));
+}
+
+macro_rules! store_suite {
+    ($make:path) => {
+        #[tokio::test]
+        async fn examples_round_trip() {
+            let Some(s) = $make().await else { return };
+            super::examples_round_trip(s).await;
+        }
+        #[tokio::test]
+        async fn insert_is_idempotent() {
+            let Some(s) = $make().await else { return };
+            super::insert_is_idempotent(s).await;
+        }
+        #[tokio::test]
+        async fn large_batch() {
+            let Some(s) = $make().await else { return };
+            super::large_batch(s).await;
+        }
+        #[tokio::test]
+        async fn awkward_text() {
+            let Some(s) = $make().await else { return };
+            super::awkward_text(s).await;
+        }
+    };
+}
+
+mod sqlite {
+    use super::*;
+
+    async fn make() -> Option<Arc<dyn Store>> {
+        // The directory lives as long as the test process; each store gets its own.
+        let dir = Box::leak(Box::new(tempfile::tempdir().expect("dir")));
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let s = store::connect(&url, 2).await.expect("sqlite");
+        s.migrate().await.expect("migrate");
+        Some(s)
+    }
+
+    store_suite!(make);
+}
+
+mod postgres {
+    use super::*;
+
+    async fn make() -> Option<Arc<dyn Store>> {
+        let url = common::pg_database().await?;
+        let s = store::connect(&url, 2).await.expect("postgres");
+        s.migrate().await.expect("migrate");
+        Some(s)
+    }
+
+    store_suite!(make);
+}
