@@ -1,0 +1,215 @@
+//! Crash safety on the embedded default: `kill -9` under concurrent load, restart on the same
+//! files, and every callback that got a 2xx is stored exactly once.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mailhook::store;
+use serde_json::json;
+
+/// A `mailhook` process on a free port, killed (SIGKILL) on drop.
+struct Proc {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn start(dir: &Path, args: &[&str], port: u16) -> Proc {
+    let child = Command::new(binary())
+        .args(args)
+        .current_dir(dir)
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.join("mailhook.db").display()),
+        )
+        .env_remove("BROKER_URL")
+        .env_remove("CELERY_BROKER_URL")
+        .env("MAILHOOK_BIND", format!("127.0.0.1:{port}"))
+        .env("MAILHOOK_VISIBILITY_TIMEOUT", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mailhook");
+    Proc { child, port }
+}
+
+async fn wait_healthy(client: &reqwest::Client, port: u16) {
+    let url = format!("http://127.0.0.1:{port}/health");
+    eventually(
+        "mailhook to answer /health",
+        Duration::from_secs(30),
+        || async {
+            let r = client.get(&url).send().await.ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await;
+}
+
+/// Posts unique tracking events from `clients` tasks until `stop`; returns the accepted ids.
+fn load(
+    port: u16,
+    clients: usize,
+    tag: &'static str,
+) -> (Arc<Mutex<Vec<String>>>, tokio_util::sync::CancellationToken) {
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    for c in 0..clients {
+        let accepted = accepted.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let url = format!("http://127.0.0.1:{port}/email");
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                let id = format!("{tag}-{c}-{i}");
+                i += 1;
+                let body = json!({"notificationType": "OPENED", "messageId": id,
+                    "recipient": "a@b.c", "sendDateTime": 1721161444325_i64});
+                match client.post(&url).json(&body).send().await {
+                    Ok(r) if r.status() == 202 => accepted.lock().expect("lock").push(id),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+    }
+    (accepted, stop)
+}
+
+async fn wait_accepted(n: usize, accepted: &Arc<Mutex<Vec<String>>>) {
+    eventually("load to get going", Duration::from_secs(30), || async {
+        (accepted.lock().expect("lock").len() >= n).then_some(())
+    })
+    .await;
+}
+
+/// Every accepted id has exactly one row, and no id has more than one.
+async fn assert_stored_once(dir: &Path, accepted: &[String]) {
+    let url = format!("sqlite://{}", dir.join("mailhook.db").display());
+    let s = store::connect(&url, 1).await.expect("store");
+    let want: HashSet<&String> = accepted.iter().collect();
+    assert_eq!(want.len(), accepted.len(), "ids are unique");
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("pool");
+    eventually(
+        &format!("{} accepted callbacks stored", want.len()),
+        Duration::from_secs(60),
+        || async {
+            let stored: Vec<String> = sqlx::query_scalar("SELECT id_externo FROM email_callback")
+                .fetch_all(&pool)
+                .await
+                .ok()?;
+            let set: HashSet<&String> = stored.iter().collect();
+            assert_eq!(set.len(), stored.len(), "a callback was stored twice");
+            want.iter().all(|id| set.contains(*id)).then_some(())
+        },
+    )
+    .await;
+    assert!(s.count().await.expect("count") >= accepted.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_serve_under_load_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = reqwest::Client::new();
+    let port = free_port();
+    let mut all = Vec::new();
+    for round in 0..2 {
+        let p = start(dir.path(), &["serve"], port);
+        wait_healthy(&client, p.port).await;
+        let tag = if round == 0 { "r0" } else { "r1" };
+        let (accepted, stop) = load(p.port, 32, tag);
+        wait_accepted(300 * (round + 1), &accepted).await;
+        drop(p); // SIGKILL while requests, commits and batches are in flight
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await; // let the clients notice
+        all.extend(accepted.lock().expect("lock").iter().cloned());
+    }
+    let p = start(dir.path(), &["serve"], port);
+    wait_healthy(&client, p.port).await;
+    assert_stored_once(dir.path(), &all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_separate_worker_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = reqwest::Client::new();
+    let api = start(dir.path(), &["serve", "--no-worker"], free_port());
+    wait_healthy(&client, api.port).await;
+    let migrate = Command::new(binary())
+        .arg("migrate")
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("mailhook.db").display()),
+        )
+        .status()
+        .expect("migrate");
+    assert!(migrate.success());
+    let (accepted, stop) = load(api.port, 16, "w");
+    let started = Instant::now();
+    for _ in 0..3 {
+        let worker = start(dir.path(), &["worker", "--prefetch", "64"], 0);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        drop(worker); // SIGKILL mid-batch
+    }
+    wait_accepted(200, &accepted).await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let accepted = accepted.lock().expect("lock").clone();
+    let _worker = start(dir.path(), &["worker"], 0);
+    assert_stored_once(dir.path(), &accepted).await;
+    assert!(started.elapsed() < Duration::from_secs(120));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = reqwest::Client::new();
+    let mut p = start(dir.path(), &["serve"], free_port());
+    wait_healthy(&client, p.port).await;
+    let (accepted, stop) = load(p.port, 8, "t");
+    wait_accepted(100, &accepted).await;
+    let pid = p.child.id().to_string();
+    let term = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit within the shutdown deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.cancel();
+    assert!(status.success(), "exit status {status:?}");
+    let accepted = accepted.lock().expect("lock").clone();
+    let p2 = start(dir.path(), &["serve"], free_port());
+    wait_healthy(&client, p2.port).await;
+    assert_stored_once(dir.path(), &accepted).await;
+}
