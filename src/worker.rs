@@ -93,10 +93,13 @@ impl Worker {
     async fn settle(&self, batch: Vec<Delivery>) {
         let mut rows: Vec<NewCallback> = Vec::new();
         let mut good: Vec<Delivery> = Vec::with_capacity(batch.len());
+        // `rows[ends[i-1]..ends[i]]` are the rows of `good[i]`.
+        let mut ends: Vec<usize> = Vec::with_capacity(batch.len());
         for d in batch {
             match self.decode(&d) {
                 Ok(r) => {
                     rows.extend(r);
+                    ends.push(rows.len());
                     good.push(d);
                 }
                 Err(reason) => {
@@ -121,29 +124,52 @@ impl Worker {
                     duplicates,
                     "batch stored"
                 );
-                if let Err(e) = self.broker.ack(&good).await {
-                    // The rows are committed; redelivery will find them and insert nothing.
-                    tracing::warn!(error = %e, "ack failed; messages will be redelivered");
-                }
+                self.ack(&good).await;
             }
-            Err(e) => {
-                let (exhausted, again): (Vec<_>, Vec<_>) = good
-                    .into_iter()
-                    .partition(|d| d.attempts >= self.cfg.max_attempts);
-                for d in &exhausted {
-                    let reason = format!("gave up after {} attempts: {e}", d.attempts);
-                    tracing::error!(task_id = %d.task_id, %reason, "dead-lettering message");
-                    if let Err(e) = self.broker.dead_letter(d, &reason).await {
-                        tracing::error!(task_id = %d.task_id, error = %e, "dead-letter failed");
+            Err(e) if e.is_data_error() && good.len() > 1 => {
+                // One message's data was refused; store the others one by one so a single bad
+                // message cannot hold the whole batch back.
+                tracing::warn!(error = %e, "batch refused by the database; storing one by one");
+                let mut start = 0;
+                for (d, end) in good.into_iter().zip(ends) {
+                    match self.store.insert_batch(&rows[start..end]).await {
+                        Ok(_) => self.ack(std::slice::from_ref(&d)).await,
+                        Err(e) => self.failed(vec![d], &e.to_string()).await,
                     }
-                }
-                let attempts = again.iter().map(|d| d.attempts).max().unwrap_or(1);
-                let wait = self.backoff(attempts);
-                tracing::warn!(error = %e, messages = again.len(), retry_in = ?wait, "store failed; retrying");
-                if let Err(e) = self.broker.retry(&again, wait).await {
-                    tracing::warn!(error = %e, "could not schedule retry; messages will be redelivered");
+                    start = end;
                 }
             }
+            Err(e) => self.failed(good, &e.to_string()).await,
+        }
+    }
+
+    async fn ack(&self, done: &[Delivery]) {
+        if let Err(e) = self.broker.ack(done).await {
+            // The rows are committed; redelivery will find them and insert nothing.
+            tracing::warn!(error = %e, "ack failed; messages will be redelivered");
+        }
+    }
+
+    /// Retries messages whose rows could not be stored, or dead-letters those out of attempts.
+    async fn failed(&self, batch: Vec<Delivery>, error: &str) {
+        let (exhausted, again): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|d| d.attempts >= self.cfg.max_attempts);
+        for d in &exhausted {
+            let reason = format!("gave up after {} attempts: {error}", d.attempts);
+            tracing::error!(task_id = %d.task_id, %reason, "dead-lettering message");
+            if let Err(e) = self.broker.dead_letter(d, &reason).await {
+                tracing::error!(task_id = %d.task_id, error = %e, "dead-letter failed");
+            }
+        }
+        if again.is_empty() {
+            return;
+        }
+        let attempts = again.iter().map(|d| d.attempts).max().unwrap_or(1);
+        let wait = self.backoff(attempts);
+        tracing::warn!(%error, messages = again.len(), retry_in = ?wait, "store failed; retrying");
+        if let Err(e) = self.broker.retry(&again, wait).await {
+            tracing::warn!(error = %e, "could not schedule retry; messages will be redelivered");
         }
     }
 

@@ -1,7 +1,7 @@
 //! Provider timestamps: `doneAt` as `2024-07-16T17:26:54.966-0300` (or RFC 3339), and
 //! `sendDateTime` as epoch milliseconds (a number, or a string of digits).
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde_json::Value;
 
 /// Reads an Infobip event time as UTC; `None` when it is not a time we recognise.
@@ -17,13 +17,19 @@ pub fn parse_event_time(v: &Value) -> Option<DateTime<Utc>> {
                 .or_else(|_| DateTime::parse_from_rfc3339(s))
                 .ok()
                 .map(|t| t.with_timezone(&Utc))
+                .filter(in_range)
         }
         _ => None,
     }
 }
 
 fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
-    Utc.timestamp_millis_opt(ms).single()
+    Utc.timestamp_millis_opt(ms).single().filter(in_range)
+}
+
+/// Years every database we store into can represent (PostgreSQL stops at 4713 BC).
+fn in_range(t: &DateTime<Utc>) -> bool {
+    (1..=9999).contains(&t.year())
 }
 
 #[cfg(test)]

@@ -74,7 +74,15 @@ pub fn connect_options(url: &str) -> Result<SqliteConnectOptions, sqlx::Error> {
 impl SqliteBroker {
     /// Opens (creating if needed) the queue database and starts its writer.
     pub async fn open(cfg: &BrokerConfig) -> Result<Self, QueueError> {
-        let opts = connect_options(&cfg.url)?;
+        Self::open_with(cfg, connect_options(&cfg.url)?).await
+    }
+
+    /// Opens with explicit connection options (extra pragmas, e.g. `max_page_count` to
+    /// bound the queue file's size).
+    pub async fn open_with(
+        cfg: &BrokerConfig,
+        opts: SqliteConnectOptions,
+    ) -> Result<Self, QueueError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.clone())

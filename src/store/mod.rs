@@ -26,6 +26,27 @@ pub enum StoreError {
     UnsupportedUrl(String),
 }
 
+impl StoreError {
+    /// True when the database refused this data (retrying the same rows cannot help), as
+    /// opposed to being unreachable, busy or timing out.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(e)) => {
+                // SQLite BUSY/LOCKED are transient even though they come back as database errors.
+                let code = e.code();
+                let busy = matches!(code.as_deref(), Some("5" | "6" | "517" | "262"));
+                // PostgreSQL class 08 (connection), 40 (rollback), 53 (resources), 57 (operator
+                // intervention, e.g. shutdown) are transient.
+                let pg_transient = code
+                    .as_deref()
+                    .is_some_and(|c| c.len() == 5 && ["08", "40", "53", "57"].contains(&&c[..2]));
+                !busy && !pg_transient
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A stored `email_callback` row, as read back.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredCallback {
