@@ -88,6 +88,19 @@ pub trait Broker: Send + Sync + 'static {
     async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
     /// Puts dead letters back on the queue: the one with `id`, or all when `None`. Returns the count.
     async fn dlq_replay(&self, id: Option<&str>) -> Result<u64, QueueError>;
+    /// Puts the dead letters with these ids back on the queue; returns how many were found.
+    /// Backends that can move many at once override this.
+    async fn dlq_replay_many(&self, ids: &[String]) -> Result<u64, QueueError> {
+        let mut n = 0;
+        for id in ids {
+            match self.dlq_replay(Some(id)).await {
+                Ok(k) => n += k,
+                Err(QueueError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
     /// Checks that the broker answers.
     async fn ping(&self) -> Result<(), QueueError>;
 }

@@ -354,6 +354,25 @@ impl Broker for SqliteBroker {
         Ok(done)
     }
 
+    async fn dlq_replay_many(&self, ids: &[String]) -> Result<u64, QueueError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE queue_message SET queue = ");
+        q.push_bind(&self.queue)
+            .push(", reason = NULL, failed_at = NULL, attempts = 0, visible_at = 0 WHERE queue = ")
+            .push_bind(&self.dlq)
+            .push(" AND id IN (");
+        let mut sep = q.separated(", ");
+        for id in ids {
+            sep.push_bind(id.parse::<i64>().unwrap_or(-1));
+        }
+        q.push(")");
+        let n = q.build().execute(&self.pool).await?.rows_affected();
+        self.published.notify_waiters();
+        Ok(n)
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         if self.writer.is_closed() {
             return Err(QueueError::Unavailable(
