@@ -1,0 +1,37 @@
+//! Staying up under pressure: slow senders are cut off; an overloaded queue sheds load with 503.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn a_slow_body_is_cut_off_at_the_request_deadline() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut args = serve_args();
+    args.request_timeout = 1;
+    let app = spawn_with(sqlite_common(dir.path()), args).await;
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    s.write_all(
+        b"POST /email HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
+    )
+    .await
+    .expect("write");
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    // Trickle one byte every 100 ms; the server must answer 408 and stop waiting.
+    let reply = loop {
+        tokio::select! {
+            n = s.read(&mut buf) => break String::from_utf8_lossy(&buf[..n.expect("read")]).into_owned(),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if s.write_all(b" ").await.is_err() { break String::new(); }
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "slow sender was not cut off");
+    };
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    app.stop().await;
+}
