@@ -1,0 +1,71 @@
+//! PostgreSQL going away and coming back: callbacks keep being accepted (the queue holds them),
+//! the worker retries with backoff, reconnects by itself, and stores each one once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::Connection;
+
+#[tokio::test]
+async fn database_outage_delays_but_loses_nothing() {
+    let Some(db_url) = pg_database().await else {
+        return;
+    };
+    let db_name = db_url.rsplit('/').next().expect("db name").to_owned();
+    let admin_url = std::env::var("MAILHOOK_TEST_POSTGRES").unwrap_or_else(|_| PG_DEFAULT.into());
+    let dir = tempfile::tempdir().expect("dir");
+    let mut common_args = sqlite_common(dir.path());
+    common_args.broker_url = Some(format!("sqlite://{}", dir.path().join("q.db").display()));
+    common_args.database_url = db_url.clone();
+    let app = spawn_with(common_args, serve_args()).await;
+
+    assert_eq!(app.post(example("delivered")).await.status(), 202);
+    wait_for_rows(&app.store, 1).await;
+
+    // "Restart" our own database: refuse new connections and kill the open ones.
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("admin");
+    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .expect("block");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db_name)
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+
+    // The API does not need the database: callbacks are still accepted.
+    for name in ["opened", "clicked", "delivered-dict"] {
+        assert_eq!(app.post(example(name)).await.status(), 202, "{name}");
+    }
+    // The worker is failing and retrying; the messages wait on the queue.
+    let q = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("q.db").display()))
+        .await
+        .expect("queue");
+    eventually("a retried delivery", Duration::from_secs(20), || async {
+        let n: Option<i64> = sqlx::query_scalar("SELECT max(attempts) FROM queue_message")
+            .fetch_one(&q)
+            .await
+            .ok()?;
+        (n? >= 2).then_some(())
+    })
+    .await;
+
+    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .expect("unblock");
+    wait_for_rows(&app.store, 8).await;
+    for id in ["3nghqee2ktl9c6ta3z56", "hikah5b6b3hfqocz5bux"] {
+        assert_eq!(
+            app.store.by_id_externo(id).await.expect("rows").len(),
+            1,
+            "{id}"
+        );
+    }
+    app.stop().await;
+}
