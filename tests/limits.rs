@@ -13,7 +13,9 @@ async fn a_slow_body_is_cut_off_at_the_request_deadline() {
     let mut args = serve_args();
     args.request_timeout = 1;
     let app = spawn_with(sqlite_common(dir.path()), args).await;
-    let mut s = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
     s.write_all(
         b"POST /email HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
     )
@@ -29,7 +31,10 @@ async fn a_slow_body_is_cut_off_at_the_request_deadline() {
                 if s.write_all(b" ").await.is_err() { break String::new(); }
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "slow sender was not cut off");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "slow sender was not cut off"
+        );
     };
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(started.elapsed() < Duration::from_secs(5));
