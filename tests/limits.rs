@@ -37,6 +37,29 @@ async fn a_slow_body_is_cut_off_at_the_request_deadline() {
         );
     };
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(
+        reply.contains(r#""kind":"timeout""#),
+        "a JSON error body: {reply}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let app = spawn_app().await;
+    let r = app.client.get(app.url("/nope")).send().await.expect("sent");
+    assert_eq!(r.status(), 404);
+    let e: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(e["kind"], "not_found");
+    let r = app
+        .client
+        .get(app.url("/email"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 405);
+    let e: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(e["kind"], "method_not_allowed");
     app.stop().await;
 }

@@ -30,6 +30,12 @@ pub enum ApiError {
     BadBody(String),
     #[error("missing or invalid credentials")]
     Unauthorized { basic: bool },
+    #[error("the request was not completed within the deadline (a slow or stalled body?)")]
+    Timeout,
+    #[error("no such route: mailhook serves POST /email and GET /health")]
+    NotFound,
+    #[error("method not allowed: send callbacks with POST /email")]
+    MethodNotAllowed,
     #[error("the service is busy; retry later")]
     Overloaded,
     #[error("the queue is unavailable; retry later")]
@@ -55,6 +61,9 @@ impl ApiError {
             ApiError::NotACallback(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded | ApiError::QueueUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -68,6 +77,9 @@ impl ApiError {
             ApiError::TooLarge(_) => "body_too_large",
             ApiError::BadBody(_) => "bad_body",
             ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::Timeout => "timeout",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Overloaded => "overloaded",
             ApiError::QueueUnavailable => "queue_unavailable",
         }

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::timeout::TimeoutLayer;
@@ -34,11 +36,23 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new()
         .route("/email", post(email::receive))
         .route("/health", get(health::health))
+        .fallback(|| async { error::ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
         .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
+            StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
+        .layer(axum::middleware::map_response(json_timeout))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The timeout layer answers with an empty 408; give it the same JSON error body as the rest.
+async fn json_timeout(resp: Response) -> Response {
+    if resp.status() == StatusCode::REQUEST_TIMEOUT {
+        error::ApiError::Timeout.into_response()
+    } else {
+        resp
+    }
 }
