@@ -34,7 +34,7 @@ pub struct CommonArgs {
     /// Broker: `sqlite://FILE`, `redis://host:port/db` or `amqp://user:pass@host:port/vhost`.
     /// Also read from CELERY_BROKER_URL. Default: a SQLite file beside a SQLite database
     /// (`mailhook-queue.db`).
-    #[arg(long, env = "BROKER_URL", global = true)]
+    #[arg(long, env = "BROKER_URL", global = true, hide_env_values = true)]
     pub broker_url: Option<String>,
 
     /// Queue the callbacks travel on.
