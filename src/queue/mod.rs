@@ -23,8 +23,8 @@ pub enum QueueError {
     /// The broker is reachable but saturated: the caller should back off.
     #[error("queue overloaded: {0}")]
     Overloaded(&'static str),
-    /// The URL names no backend we know, or is malformed.
-    #[error("unsupported broker URL `{0}`: expected sqlite://, redis:// or amqp://")]
+    /// The URL names no backend we know (only the scheme is kept: URLs carry passwords).
+    #[error("unsupported broker URL scheme `{0}://`: expected sqlite://, redis:// or amqp://")]
     UnsupportedUrl(String),
     /// A message or dead letter with this id does not exist.
     #[error("no dead letter with id `{0}`")]
@@ -130,6 +130,6 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Arc<dyn Broker>, QueueError> 
     let scheme = cfg.url.split("://").next().unwrap_or_default();
     match scheme {
         "sqlite" => Ok(Arc::new(sqlite::SqliteBroker::open(cfg).await?)),
-        _ => Err(QueueError::UnsupportedUrl(cfg.url.clone())),
+        _ => Err(QueueError::UnsupportedUrl(scheme.to_owned())),
     }
 }

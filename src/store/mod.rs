@@ -21,8 +21,8 @@ pub enum StoreError {
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// The URL names no database we support.
-    #[error("unsupported DATABASE_URL `{0}`: expected sqlite:// or postgres://")]
+    /// The URL names no database we support (only the scheme is kept: URLs carry passwords).
+    #[error("unsupported DATABASE_URL scheme `{0}://`: expected sqlite:// or postgres://")]
     UnsupportedUrl(String),
 }
 
@@ -113,6 +113,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<Arc<dyn Store>, 
             PostgresStore::connect(url, max_connections).await?,
         ))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::UnsupportedUrl(
+            url.split("://").next().unwrap_or_default().to_owned(),
+        ))
     }
 }
