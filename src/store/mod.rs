@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::infobip::NewCallback;
 
-pub use sql::{PostgresStore, SqliteStore};
+pub use sql::{MySqlStore, PostgresStore, SqliteStore};
 
 /// Errors from the database.
 #[derive(Debug, Error)]
@@ -22,7 +22,9 @@ pub enum StoreError {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The URL names no database we support (only the scheme is kept: URLs carry passwords).
-    #[error("unsupported DATABASE_URL scheme `{0}://`: expected sqlite:// or postgres://")]
+    #[error(
+        "unsupported DATABASE_URL scheme `{0}://`: expected sqlite://, postgres:// or mysql://"
+    )]
     UnsupportedUrl(String),
 }
 
@@ -94,7 +96,8 @@ pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Inserts all rows in one transaction, skipping events already stored (same `dedupe_key`).
-    /// Returns how many rows were new.
+    /// Returns how many rows were new; MySQL reports matched rows instead (duplicates included),
+    /// because its protocol's FOUND_ROWS flag, which sqlx sets, counts a no-op upsert as a match.
     async fn insert_batch(&self, rows: &[NewCallback]) -> Result<u64, StoreError>;
     /// Rows of one Infobip message, oldest first.
     async fn by_id_externo(&self, id_externo: &str) -> Result<Vec<StoredCallback>, StoreError>;
@@ -112,6 +115,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<Arc<dyn Store>, 
         Ok(Arc::new(
             PostgresStore::connect(url, max_connections).await?,
         ))
+    } else if url.starts_with("mysql:") {
+        Ok(Arc::new(MySqlStore::connect(url, max_connections).await?))
     } else {
         Err(StoreError::UnsupportedUrl(
             url.split("://").next().unwrap_or_default().to_owned(),

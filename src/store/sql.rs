@@ -1,11 +1,12 @@
-//! SQLite and PostgreSQL stores. The SQL is the same but for placeholders and JSON casts, which
-//! sqlx's `QueryBuilder` and a per-backend suffix take care of; a macro writes both impls so they
-//! cannot drift apart.
+//! SQLite, PostgreSQL and MySQL/MariaDB stores. The SQL is the same but for placeholders, JSON
+//! casts and the upsert clause, which sqlx's `QueryBuilder` and per-backend literals take care of;
+//! a macro writes every impl so they cannot drift apart.
 
 use async_trait::async_trait;
+use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{MySql, MySqlPool, PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
 
 use super::{Store, StoreError, StoredCallback};
 use crate::infobip::NewCallback;
@@ -13,9 +14,13 @@ use crate::infobip::NewCallback;
 /// Rows per INSERT statement: 18 parameters each stays under both databases' limits.
 const CHUNK: usize = 1000;
 
-const COLUMNS: &str = "INSERT INTO email_callback (status, email, data_recebimento, id_externo, \
-    qj_contact_id, event_at, status_name, error_name, error_permanent, bulk_id, event_id, url, \
-    country, city, callback_data, raw, dedupe_key) ";
+macro_rules! columns {
+    () => {
+        "email_callback (status, email, data_recebimento, id_externo, qj_contact_id, event_at, \
+         status_name, error_name, error_permanent, bulk_id, event_id, url, country, city, \
+         callback_data, raw, dedupe_key) "
+    };
+}
 
 /// `email_callback` in a SQLite file (WAL, `synchronous=FULL`).
 pub struct SqliteStore {
@@ -51,13 +56,34 @@ impl PostgresStore {
     }
 }
 
+/// `email_callback` in MySQL or MariaDB.
+pub struct MySqlStore {
+    pool: MySqlPool,
+}
+
+impl MySqlStore {
+    /// Connects to MySQL/MariaDB.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = MySqlPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(MySqlStore { pool })
+    }
+}
+
 /// PostgreSQL `jsonb` refuses `\u0000`; keep the rest of the document intact.
 fn pg_json(text: &str) -> String {
     text.replace("\\u0000", "\\ufffd")
 }
 
+/// Arguments: the store, its sqlx database, migrations folder, the clause that skips a duplicate
+/// `dedupe_key`, a cast for JSON parameters, the opening and closing of an expression reading a
+/// JSON column as text, and a function preparing JSON text for the column.
 macro_rules! sql_store {
-    ($store:ty, $db:ty, $migrations:literal, $json_cast:literal, $json_read:literal, $json:expr) => {
+    ($store:ty, $db:ty, $migrations:literal, $on_conflict:literal, $json_cast:literal,
+     $read_open:literal, $read_close:literal, $json:expr) => {
         #[async_trait]
         impl Store for $store {
             async fn migrate(&self) -> Result<(), StoreError> {
@@ -73,7 +99,7 @@ macro_rules! sql_store {
                 let mut tx = self.pool.begin().await?;
                 let mut inserted = 0;
                 for chunk in rows.chunks(CHUNK) {
-                    let mut q = QueryBuilder::<$db>::new(COLUMNS);
+                    let mut q = QueryBuilder::<$db>::new(concat!("INSERT INTO ", columns!()));
                     q.push_values(chunk, |mut b, r| {
                         b.push_bind(&r.status)
                             .push_bind(&r.email)
@@ -95,7 +121,7 @@ macro_rules! sql_store {
                             .push_unseparated($json_cast)
                             .push_bind(&r.dedupe_key);
                     });
-                    q.push(" ON CONFLICT (dedupe_key) DO NOTHING");
+                    q.push($on_conflict);
                     inserted += q.build().execute(&mut *tx).await?.rows_affected();
                 }
                 tx.commit().await?;
@@ -109,10 +135,14 @@ macro_rules! sql_store {
                 let mut q = QueryBuilder::<$db>::new(concat!(
                     "SELECT id, status, email, data_recebimento, id_externo, qj_contact_id, ",
                     "event_at, status_name, error_name, error_permanent, bulk_id, event_id, url, ",
-                    "country, city, callback_data",
-                    $json_read,
-                    " AS callback_data, raw",
-                    $json_read,
+                    "country, city, ",
+                    $read_open,
+                    "callback_data",
+                    $read_close,
+                    " AS callback_data, ",
+                    $read_open,
+                    "raw",
+                    $read_close,
                     " AS raw, dedupe_key FROM email_callback WHERE id_externo = "
                 ));
                 q.push_bind(id_externo).push(" ORDER BY id");
@@ -133,13 +163,35 @@ macro_rules! sql_store {
     };
 }
 
-sql_store!(SqliteStore, Sqlite, "migrations/sqlite", "", "", |s| s
-    .to_owned());
+sql_store!(
+    SqliteStore,
+    Sqlite,
+    "migrations/sqlite",
+    " ON CONFLICT (dedupe_key) DO NOTHING",
+    "",
+    "",
+    "",
+    |s| s.to_owned()
+);
 sql_store!(
     PostgresStore,
     Postgres,
     "migrations/postgres",
+    " ON CONFLICT (dedupe_key) DO NOTHING",
     "::jsonb",
+    "",
     "::text",
     pg_json
+);
+// MySQL has no ON CONFLICT; INSERT IGNORE would also turn data errors into silent warnings,
+// so it is a no-op update on the duplicate key.
+sql_store!(
+    MySqlStore,
+    MySql,
+    "migrations/mysql",
+    " ON DUPLICATE KEY UPDATE id = id",
+    "",
+    "CAST(",
+    " AS CHAR)",
+    |s| s.to_owned()
 );

@@ -238,3 +238,23 @@ pub async fn amqp_url() -> Option<String> {
 pub fn unique_queue(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
+
+/// MySQL/MariaDB server used by tests (`MAILHOOK_TEST_MYSQL`, default the local root account).
+pub const MYSQL_DEFAULT: &str = "mysql://root@127.0.0.1:3306/test";
+
+/// Creates a fresh MySQL/MariaDB database and returns its URL; `None` (skip) when the server is
+/// absent outside CI.
+pub async fn mysql_database() -> Option<String> {
+    use sqlx::Connection;
+    let admin = require_service("MariaDB", "MAILHOOK_TEST_MYSQL", MYSQL_DEFAULT).await?;
+    let name = format!("mailhook_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::MySqlConnection::connect(&admin)
+        .await
+        .expect("connect to MariaDB");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    Some(format!("{base}/{name}"))
+}
