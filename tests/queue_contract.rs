@@ -191,3 +191,93 @@ mod sqlite {
         super::concurrent_publish(open(d.path()).await).await;
     }
 }
+
+mod amqp {
+    use super::*;
+
+    // Prefetch above the 200 messages `concurrent_publish` holds unacked at once: RabbitMQ stops
+    // delivering at the prefetch limit, and the contract fetches everything before acking.
+    fn cfg(url: &str, queue: &str) -> BrokerConfig {
+        BrokerConfig {
+            url: url.to_owned(),
+            queue: queue.to_owned(),
+            visibility_timeout: Duration::from_secs(1),
+            prefetch: 256,
+        }
+    }
+
+    /// A broker on a queue no other test uses, or `None` (skip) without RabbitMQ.
+    async fn open() -> Option<(Arc<dyn Broker>, String, String)> {
+        let url = common::amqp_url().await?;
+        let queue = common::unique_queue("contract");
+        let b = queue::connect(&cfg(&url, &queue))
+            .await
+            .expect("amqp broker");
+        Some((b, url, queue))
+    }
+
+    /// Removes the test's queues and exchange so runs do not pile up on the server.
+    async fn cleanup(url: &str, queue: &str) {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let Ok(conn) =
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+        else {
+            return;
+        };
+        if let Ok(ch) = conn.create_channel().await {
+            for q in [queue.to_owned(), format!("{queue}.dlq")] {
+                let _ = ch.queue_delete(&q, QueueDeleteOptions::default()).await;
+            }
+            let _ = ch
+                .exchange_delete(queue, ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "test done").await;
+    }
+
+    #[tokio::test]
+    async fn publish_fetch_ack() {
+        let Some((b, url, q)) = open().await else {
+            return;
+        };
+        super::publish_fetch_ack(b).await;
+        cleanup(&url, &q).await;
+    }
+
+    #[tokio::test]
+    async fn unacked_comes_back() {
+        let Some((b, url, q)) = open().await else {
+            return;
+        };
+        let reopen = async { queue::connect(&cfg(&url, &q)).await.expect("amqp broker") };
+        super::unacked_comes_back(b, reopen).await;
+        cleanup(&url, &q).await;
+    }
+
+    #[tokio::test]
+    async fn retry_redelivers() {
+        let Some((b, url, q)) = open().await else {
+            return;
+        };
+        super::retry_redelivers(b).await;
+        cleanup(&url, &q).await;
+    }
+
+    #[tokio::test]
+    async fn dead_letter_and_replay() {
+        let Some((b, url, q)) = open().await else {
+            return;
+        };
+        super::dead_letter_and_replay(b).await;
+        cleanup(&url, &q).await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_publish() {
+        let Some((b, url, q)) = open().await else {
+            return;
+        };
+        super::concurrent_publish(b).await;
+        cleanup(&url, &q).await;
+    }
+}

@@ -3,6 +3,7 @@
 //! Every backend carries the same thing, a Celery protocol-v2 task message (see [`celery`]), so a
 //! Python Celery producer or worker can share the queue with mailhook.
 
+pub mod amqp;
 pub mod celery;
 pub mod sqlite;
 
@@ -130,6 +131,7 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Arc<dyn Broker>, QueueError> 
     let scheme = cfg.url.split("://").next().unwrap_or_default();
     match scheme {
         "sqlite" => Ok(Arc::new(sqlite::SqliteBroker::open(cfg).await?)),
+        "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBroker::open(cfg).await?)),
         _ => Err(QueueError::UnsupportedUrl(scheme.to_owned())),
     }
 }
