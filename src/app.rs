@@ -1,5 +1,6 @@
 //! Builds the running service (store, broker, router, workers) in one place, for `main` and tests.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,19 +123,27 @@ impl App {
             worker = self.store.is_some(),
             "mailhook listening"
         );
-        let stop = shutdown.clone();
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await?;
+        let server = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => return r, // only on a listener error: shutdown is handled below
+            () = shutdown.cancelled() => {}
+        }
+        // Stop taking connections, drain requests in flight, and let workers finish and ack the
+        // batch in hand, all within one deadline. Anything unacked stays on the queue.
         worker_stop.cancel();
         let deadline = Duration::from_secs(self.args.worker.shutdown_timeout);
-        if tokio::time::timeout(deadline, async {
+        let drained = tokio::time::timeout(deadline, async {
+            let served = server.await;
             while workers.join_next().await.is_some() {}
+            served
         })
-        .await
-        .is_err()
-        {
-            tracing::warn!("workers did not finish within the shutdown deadline");
+        .await;
+        match drained {
+            Ok(served) => served?,
+            Err(_) => tracing::warn!(?deadline, "shutdown deadline reached; exiting anyway"),
         }
         Ok(())
     }

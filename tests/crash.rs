@@ -213,3 +213,53 @@ async fn sigterm_drains_and_exits_zero() {
     wait_healthy(&client, p2.port).await;
     assert_stored_once(dir.path(), &accepted).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_deadline_bounds_a_stalled_request() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let client = reqwest::Client::new();
+    let mut p = start(
+        dir.path(),
+        &[
+            "serve",
+            "--shutdown-timeout",
+            "1",
+            "--request-timeout",
+            "120",
+        ],
+        free_port(),
+    );
+    wait_healthy(&client, p.port).await;
+    // A sender that stalls mid-body would hold graceful shutdown forever without a deadline.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    s.write_all(b"POST /email HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let pid = p.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let status = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "shutdown deadline not honoured"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(s);
+}
