@@ -1,0 +1,159 @@
+//! mailhook and Python Celery sharing a RabbitMQ queue, each test on its own queue name.
+//! RabbitMQ and PostgreSQL that are not reachable are skipped locally and fail under CI=true.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use mailhook::config::CommonArgs;
+use mailhook::queue::{self, BrokerConfig, TaskMessage};
+use mailhook::store::{self, Store};
+
+/// App settings: PostgreSQL database `pg`, RabbitMQ at `amqp`, on `queue`.
+fn amqp_common(pg: &str, amqp: &str, queue: &str) -> CommonArgs {
+    CommonArgs {
+        database_url: pg.to_owned(),
+        broker_url: Some(amqp.to_owned()),
+        queue: queue.to_owned(),
+        task_name: queue::celery::DEFAULT_TASK.into(),
+        visibility_timeout: None,
+    }
+}
+
+fn broker_cfg(amqp: &str, queue: &str, prefetch: u16) -> BrokerConfig {
+    BrokerConfig {
+        url: amqp.to_owned(),
+        queue: queue.to_owned(),
+        visibility_timeout: Duration::from_secs(30),
+        prefetch,
+    }
+}
+
+/// A tracking event that normalizes to exactly one row, distinct for each `n`.
+fn opened(tag: &str, n: usize) -> String {
+    format!(
+        r#"{{"notificationType":"OPENED","recipient":"r{n}@example.com","sendDateTime":1721161444325,"messageId":"{tag}-{n}","callbackData":"{{\"qj_contact_id\": {n}}}"}}"#
+    )
+}
+
+/// Messages still on the queue (ready, not unacked), read with a passive declare.
+async fn ready_count(amqp: &str, queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    let conn = lapin::Connection::connect(amqp, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    let _ = conn.close(200, "counted").await;
+    q.message_count()
+}
+
+/// Removes the test's queues and exchange so runs do not pile up on the server.
+async fn cleanup(amqp: &str, queue: &str) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let Ok(conn) = lapin::Connection::connect(amqp, lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in [queue.to_owned(), format!("{queue}.dlq")] {
+            let _ = ch.queue_delete(&q, QueueDeleteOptions::default()).await;
+        }
+        let _ = ch
+            .exchange_delete(queue, ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "test done").await;
+}
+
+/// A consumer that dies holding a batch unacked, after storing part of it, loses nothing and
+/// doubles nothing: RabbitMQ redelivers the batch to the next worker and the dedupe key absorbs
+/// the rows already stored.
+#[tokio::test]
+async fn consumer_dying_mid_batch_redelivers_without_doubles() {
+    let Some(amqp) = common::amqp_url().await else {
+        return;
+    };
+    let Some(pg) = common::pg_database().await else {
+        return;
+    };
+    let queue = common::unique_queue("amqp-crash");
+    const N: usize = 60;
+
+    let producer = queue::connect(&broker_cfg(&amqp, &queue, 16))
+        .await
+        .expect("producer");
+    let payloads: Vec<String> = (0..N).map(|n| opened("crash", n)).collect();
+    for p in &payloads {
+        let m = TaskMessage::for_payload(queue::celery::DEFAULT_TASK, p.as_bytes(), Utc::now());
+        producer.publish(&m).await.expect("publish");
+    }
+
+    let store: Arc<dyn Store> = store::connect(&pg, 2).await.expect("store");
+    store.migrate().await.expect("migrate");
+    {
+        // The doomed worker: takes the whole batch, stores the first third, dies before acking.
+        let doomed = queue::connect(&broker_cfg(&amqp, &queue, 256))
+            .await
+            .expect("consumer");
+        let mut batch = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while batch.len() < N && std::time::Instant::now() < deadline {
+            batch.extend(
+                doomed
+                    .fetch(N - batch.len(), Duration::from_millis(200))
+                    .await
+                    .expect("fetch"),
+            );
+        }
+        assert_eq!(batch.len(), N, "the whole batch is delivered");
+        let mut rows = Vec::new();
+        for d in &batch[..N / 3] {
+            let args = queue::celery::decode_body(&d.body).expect("body");
+            rows.extend(
+                mailhook::infobip::normalize(&args.payload, Utc::now()).expect("valid payload"),
+            );
+        }
+        assert_eq!(
+            store.insert_batch(&rows).await.expect("insert"),
+            (N / 3) as u64
+        );
+        // Dropping the broker closes its connection: RabbitMQ requeues all N.
+        drop(batch);
+        drop(doomed);
+    }
+
+    let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), common::serve_args()).await;
+    common::wait_for_rows(&app.store, N as i64).await;
+    common::eventually("queue drained", Duration::from_secs(15), || async {
+        (ready_count(&amqp, &queue).await == 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    assert_eq!(
+        store.count().await.expect("count"),
+        N as i64,
+        "no row doubled"
+    );
+    for n in [0, N / 3, N - 1] {
+        let rows = store
+            .by_id_externo(&format!("crash-{n}"))
+            .await
+            .expect("by id");
+        assert_eq!(rows.len(), 1, "callback {n} stored once");
+    }
+    drop(producer);
+    cleanup(&amqp, &queue).await;
+}
