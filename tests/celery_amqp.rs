@@ -157,3 +157,126 @@ async fn consumer_dying_mid_batch_redelivers_without_doubles() {
     drop(producer);
     cleanup(&amqp, &queue).await;
 }
+
+/// `(pid, line)` of the server's connections named `mailhook <queue>`.
+fn server_connections(queue: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let needle = format!("mailhook {queue}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// When RabbitMQ drops mailhook's connection, the API reconnects by itself, and every callback
+/// it answered 2xx is on the queue (a 2xx only ever follows a publisher confirm).
+#[tokio::test]
+async fn api_reconnects_after_the_server_closes_its_connection() {
+    let Some(amqp) = common::amqp_url().await else {
+        return;
+    };
+    if std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .arg("status")
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        assert!(
+            !common::in_ci(),
+            "rabbitmqctl is needed to close a connection"
+        );
+        eprintln!("SKIP: rabbitmqctl not usable");
+        return;
+    }
+    let queue = common::unique_queue("amqp-reconnect");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut common_args = common::sqlite_common(dir.path());
+    common_args.broker_url = Some(amqp.clone());
+    common_args.queue = queue.clone();
+    let mut args = common::serve_args();
+    args.no_worker = true;
+    let app = common::spawn_with(common_args, args).await;
+
+    let mut accepted = Vec::new();
+    let post = |n: usize| {
+        let app = &app;
+        async move {
+            let r = app.post(opened("reconnect", n)).await;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (
+                status,
+                body["task_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    for n in 0..5 {
+        let (status, id) = post(n).await;
+        assert_eq!(status, 202);
+        accepted.push(id);
+    }
+    let before = server_connections(&queue);
+    assert_eq!(before.len(), 1, "one connection: {before:?}");
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "close_connection",
+            &before[0],
+            "test: connection dropped",
+        ])
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(closed.success());
+
+    // Keep posting: answers are 202 or 503 (never anything else), and 202 comes back.
+    let mut unavailable = 0;
+    let mut n = 5;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, id) = post(n).await;
+        n += 1;
+        match status {
+            202 => accepted.push(id),
+            503 => unavailable += 1,
+            other => panic!("unexpected status {other}"),
+        }
+        if status == 202 && accepted.len() >= 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the API did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = server_connections(&queue);
+    assert_eq!(after.len(), 1, "reconnected once: {after:?}");
+    assert_ne!(after, before, "a new connection");
+    eprintln!("503 answers while reconnecting: {unavailable}");
+
+    // Every accepted callback is on the queue.
+    let reader = queue::connect(&broker_cfg(&amqp, &queue, 256))
+        .await
+        .expect("reader");
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < accepted.len() && std::time::Instant::now() < deadline {
+        got.extend(
+            reader
+                .fetch(256, Duration::from_millis(300))
+                .await
+                .expect("fetch"),
+        );
+    }
+    let mut ids: Vec<_> = got.iter().map(|d| d.task_id.clone()).collect();
+    ids.sort();
+    accepted.sort();
+    assert_eq!(ids, accepted);
+    reader.ack(&got).await.expect("ack");
+    app.stop().await;
+    cleanup(&amqp, &queue).await;
+}

@@ -268,7 +268,9 @@ impl Inner {
     }
 
     async fn open_session(&self, id: u64) -> Result<Session, QueueError> {
-        let props = ConnectionProperties::default().with_connection_name("mailhook".into());
+        // Named after the queue so an operator (or a test) can tell our connections apart.
+        let name = format!("mailhook {}", self.queue);
+        let props = ConnectionProperties::default().with_connection_name(name.into());
         let conn = Connection::connect(&self.url, props).await?;
         let publisher = conn.create_channel().await?;
         self.declare(&publisher).await?;
