@@ -1,6 +1,8 @@
 //! Shared test harness: spawn the real app on port 0 against its own temp files or databases.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod celery;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -103,6 +105,9 @@ pub fn serve_args() -> ServeArgs {
         no_worker: false,
         body_limit: 16 * 1024 * 1024,
         request_timeout: 30,
+        basic_auth: Vec::new(),
+        auth_header: None,
+        auth_secret: Vec::new(),
         worker: worker_args(),
     }
 }
