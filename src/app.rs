@@ -80,7 +80,13 @@ impl App {
             queue: common.queue.as_str().into(),
             body_limit: args.body_limit,
         };
-        let router = http::router(state, Duration::from_secs(args.request_timeout));
+        let auth = http::auth::Auth::from_args(&args);
+        auth.warn_if_exposed(args.bind);
+        let router = http::authenticated_router(
+            state,
+            Duration::from_secs(args.request_timeout),
+            Arc::new(auth),
+        );
         let listener = TcpListener::bind(args.bind)
             .await
             .map_err(|source| StartError::Bind {

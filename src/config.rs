@@ -3,8 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::http::HeaderName;
 use clap::{Args, Parser, Subcommand};
 
+use crate::http::auth::{BasicCredential, Secret};
 use crate::queue::{celery::DEFAULT_TASK, BrokerConfig};
 use crate::worker::WorkerConfig;
 
@@ -137,6 +139,32 @@ pub struct ServeArgs {
     #[arg(long, env = "MAILHOOK_REQUEST_TIMEOUT", default_value_t = 30)]
     pub request_timeout: u64,
 
+    /// Accepted HTTP Basic credentials, `USER:PASSWORD`; repeat the flag (or comma-separate) to
+    /// accept several pairs while rotating. With --auth-header too, either one is enough.
+    #[arg(
+        long = "basic-auth",
+        env = "MAILHOOK_BASIC_AUTH",
+        value_name = "USER:PASSWORD",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub basic_auth: Vec<BasicCredential>,
+
+    /// Header that must carry one of the --auth-secret values (e.g. `X-Webhook-Secret`).
+    #[arg(long, env = "MAILHOOK_AUTH_HEADER", requires = "auth_secret")]
+    pub auth_header: Option<HeaderName>,
+
+    /// Accepted values of --auth-header; repeat (or comma-separate) to accept several.
+    #[arg(
+        long,
+        env = "MAILHOOK_AUTH_SECRET",
+        value_name = "SECRET",
+        value_delimiter = ',',
+        hide_env_values = true,
+        requires = "auth_header"
+    )]
+    pub auth_secret: Vec<Secret>,
+
     #[command(flatten)]
     pub worker: WorkerArgs,
 }
@@ -229,5 +257,45 @@ mod tests {
         assert_eq!(cli.common.queue, "email-webhook");
         assert!(Cli::try_parse_from(["mailhook", "dlq", "replay"]).is_err());
         assert!(Cli::try_parse_from(["mailhook", "dlq", "replay", "--all"]).is_ok());
+    }
+
+    #[test]
+    fn auth_flags_parse_repeat_and_pair_up() {
+        let serve = |args: &[&str]| {
+            let argv = ["mailhook", "serve"].iter().chain(args).copied();
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Serve(s) => s,
+                _ => panic!("serve expected"),
+            })
+        };
+        let s = serve(&["--basic-auth", "a:1,b:2", "--basic-auth", "c:3"]).expect("parses");
+        let users: Vec<_> = s.basic_auth.iter().map(|c| c.user.as_str()).collect();
+        assert_eq!(users, ["a", "b", "c"]);
+        assert!(!format!("{s:?}").contains(":1"), "passwords are redacted");
+
+        let s = serve(&[
+            "--auth-header",
+            "X-Webhook-Secret",
+            "--auth-secret",
+            "s1,s2",
+        ])
+        .expect("parses");
+        assert_eq!(
+            s.auth_header.as_ref().map(HeaderName::as_str),
+            Some("x-webhook-secret")
+        );
+        assert_eq!(s.auth_secret.len(), 2);
+        assert!(!format!("{s:?}").contains("s1"), "secrets are redacted");
+
+        assert!(serve(&["--basic-auth", "nocolon"]).is_err());
+        assert!(
+            serve(&["--auth-header", "X-Secret"]).is_err(),
+            "a header needs secrets"
+        );
+        assert!(
+            serve(&["--auth-secret", "s"]).is_err(),
+            "secrets need a header"
+        );
+        assert!(serve(&["--auth-header", "bad header", "--auth-secret", "s"]).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP API: the router, one module per resource, errors mapped in `error.rs`.
 
+pub mod auth;
 pub mod email;
 pub mod error;
 pub mod health;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -16,6 +18,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::queue::Broker;
+use auth::Auth;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -30,11 +33,20 @@ pub struct AppState {
     pub body_limit: usize,
 }
 
-/// Builds the router.
+/// Builds the router with no authentication (anyone may post): for tests and embedding.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    authenticated_router(state, request_timeout, Arc::default())
+}
+
+/// Builds the router; `POST /email` requires the credentials in `auth`, `/health` stays open.
+pub fn authenticated_router(state: AppState, request_timeout: Duration, auth: Arc<Auth>) -> Router {
     let limit = state.body_limit;
+    // The auth middleware wraps the handler only, and the handler is what reads the body (the
+    // layers outside it read nothing): a refused request is answered from its headers alone,
+    // so an unauthenticated sender cannot make us buffer up to `body_limit`.
+    let email = post(email::receive).route_layer(from_fn_with_state(auth, auth::require));
     Router::new()
-        .route("/email", post(email::receive))
+        .route("/email", email)
         .route("/health", get(health::health))
         .fallback(|| async { error::ApiError::NotFound })
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
