@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,9 @@ use chrono::Utc;
 use mailhook::config::CommonArgs;
 use mailhook::queue::{self, BrokerConfig, TaskMessage};
 use mailhook::store::{self, Store};
+use serde_json::Value;
+
+use common::celery::{ensure_venv, send_task, PythonWorker, WorkerOpts};
 
 /// App settings: PostgreSQL database `pg`, RabbitMQ at `amqp`, on `queue`.
 fn amqp_common(pg: &str, amqp: &str, queue: &str) -> CommonArgs {
@@ -279,4 +283,214 @@ async fn api_reconnects_after_the_server_closes_its_connection() {
     reader.ack(&got).await.expect("ack");
     app.stop().await;
     cleanup(&amqp, &queue).await;
+}
+
+/// App settings on a temp SQLite database (API-only apps need no real store).
+fn api_only(
+    dir: &std::path::Path,
+    amqp: &str,
+    queue: &str,
+) -> (CommonArgs, mailhook::config::ServeArgs) {
+    let mut c = common::sqlite_common(dir);
+    c.broker_url = Some(amqp.to_owned());
+    c.queue = queue.to_owned();
+    let mut args = common::serve_args();
+    args.no_worker = true;
+    (c, args)
+}
+
+fn assert_no_precondition_failure(py: &PythonWorker) {
+    let log = py.log_text();
+    assert!(
+        !log.contains("PRECONDITION_FAILED"),
+        "the Python worker hit a 406:\n{log}"
+    );
+}
+
+/// mailhook's API publishes each example; a Python Celery worker receives exactly those payloads.
+#[tokio::test]
+async fn python_worker_receives_what_the_api_publishes() {
+    let Some(amqp) = common::amqp_url().await else {
+        return;
+    };
+    let Some(venv) = ensure_venv() else { return };
+    let queue = common::unique_queue("amqp-py-consumes");
+    // Python declares first here; mailhook declares first in the other tests.
+    let py = PythonWorker::start(&venv, &WorkerOpts::new(&amqp, &queue)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (c, args) = api_only(dir.path(), &amqp, &queue);
+    let app = common::spawn_with(c, args).await;
+
+    let mut sent: HashMap<String, Value> = HashMap::new();
+    for name in common::EXAMPLES {
+        let body = common::example(name);
+        let r = app.post(body.clone()).await;
+        assert_eq!(r.status(), 202, "{name}");
+        let answer: Value = r.json().await.expect("json answer");
+        let id = answer["task_id"].as_str().expect("task id").to_owned();
+        sent.insert(id, serde_json::from_str(&body).expect("example is JSON"));
+    }
+    let got = py.wait_received(sent.len(), Duration::from_secs(60)).await;
+    assert_eq!(got.len(), sent.len(), "each callback handled once");
+    for line in &got {
+        let id = line["task_id"].as_str().expect("task id");
+        let want = sent
+            .get(id)
+            .unwrap_or_else(|| panic!("unknown task id {id}"));
+        assert_eq!(&line["payload"], want, "payload of {id} arrives intact");
+        assert!(
+            line["received_at"].is_string(),
+            "kwargs.received_at arrives"
+        );
+    }
+    assert_no_precondition_failure(&py);
+    py.stop(Duration::from_secs(10)).await;
+    app.stop().await;
+    cleanup(&amqp, &queue).await;
+}
+
+/// Python's `send_task(..., queue=...)` for each example; mailhook's worker stores the rows in
+/// PostgreSQL.
+#[tokio::test]
+async fn mailhook_worker_stores_what_python_sends() {
+    let Some(amqp) = common::amqp_url().await else {
+        return;
+    };
+    let Some(pg) = common::pg_database().await else {
+        return;
+    };
+    let Some(venv) = ensure_venv() else { return };
+    let queue = common::unique_queue("amqp-py-produces");
+    let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), common::serve_args()).await;
+
+    let payloads: Vec<String> = common::EXAMPLES
+        .iter()
+        .map(|n| common::example(n))
+        .collect();
+    let mut expected = 0usize;
+    let mut message_ids = HashSet::new();
+    for p in &payloads {
+        let v: Value = serde_json::from_str(p).expect("example is JSON");
+        let rows = mailhook::infobip::normalize(&v, Utc::now()).expect("example is valid");
+        expected += rows.len();
+        message_ids.extend(rows.into_iter().map(|r| r.id_externo));
+    }
+    let ids = send_task(&venv, &amqp, &queue, queue::celery::DEFAULT_TASK, &payloads);
+    assert_eq!(ids.len(), payloads.len());
+    common::wait_for_rows(&app.store, expected as i64).await;
+    for id in &message_ids {
+        let rows = app.store.by_id_externo(id).await.expect("by id");
+        assert!(!rows.is_empty(), "rows for message {id}");
+    }
+    common::eventually("queue drained", Duration::from_secs(15), || async {
+        (ready_count(&amqp, &queue).await == 0).then_some(())
+    })
+    .await;
+    let store = app.store.clone();
+    app.stop().await;
+    assert_eq!(store.count().await.expect("count"), expected as i64);
+    cleanup(&amqp, &queue).await;
+}
+
+/// A Python worker and a mailhook worker consume one queue at once; ~200 callbacks through the
+/// API are each handled exactly once in total (Python's lines plus PostgreSQL rows).
+async fn shared_queue(python_declares_first: bool) {
+    let Some(amqp) = common::amqp_url().await else {
+        return;
+    };
+    let Some(pg) = common::pg_database().await else {
+        return;
+    };
+    let Some(venv) = ensure_venv() else { return };
+    let queue = common::unique_queue("amqp-shared");
+    const N: usize = 200;
+
+    let opts = WorkerOpts::new(&amqp, &queue);
+    let (py, app) = if python_declares_first {
+        let py = PythonWorker::start(&venv, &opts).await;
+        let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), common::serve_args()).await;
+        (py, app)
+    } else {
+        let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), common::serve_args()).await;
+        let py = PythonWorker::start(&venv, &opts).await;
+        (py, app)
+    };
+
+    let tag = format!("shared-{python_declares_first}");
+    let mut posts = tokio::task::JoinSet::new();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
+        let client = app.client.clone();
+        let url = app.url("/email");
+        let bodies: Vec<String> = chunk.iter().map(|&n| opened(&tag, n)).collect();
+        posts.spawn(async move {
+            for b in bodies {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(b)
+                    .send()
+                    .await
+                    .expect("sent");
+                assert_eq!(r.status(), 202);
+            }
+        });
+    }
+    while let Some(r) = posts.join_next().await {
+        r.expect("poster");
+    }
+
+    let handled = |py: &PythonWorker, rows: i64| py.received().len() + rows as usize;
+    let store = app.store.clone();
+    common::eventually(
+        "every callback handled",
+        Duration::from_secs(90),
+        || async { (handled(&py, store.count().await.ok()?) >= N).then_some(()) },
+    )
+    .await;
+    common::eventually("queue drained", Duration::from_secs(15), || async {
+        (ready_count(&amqp, &queue).await == 0).then_some(())
+    })
+    .await;
+    assert_no_precondition_failure(&py);
+    let lines = py.received();
+    py.stop(Duration::from_secs(15)).await;
+    app.stop().await;
+
+    let py_ids: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            l["payload"]["messageId"]
+                .as_str()
+                .expect("messageId")
+                .to_owned()
+        })
+        .collect();
+    let py_set: HashSet<&String> = py_ids.iter().collect();
+    assert_eq!(py_set.len(), py_ids.len(), "python handled none twice");
+    let rows = store.count().await.expect("count");
+    assert_eq!(
+        py_ids.len() + rows as usize,
+        N,
+        "handled exactly once in total"
+    );
+    for id in &py_ids {
+        assert!(
+            store.by_id_externo(id).await.expect("by id").is_empty(),
+            "{id} handled by both"
+        );
+    }
+    assert!(!py_ids.is_empty(), "the Python worker took part");
+    assert!(rows > 0, "the mailhook worker took part");
+    eprintln!("python handled {}, mailhook stored {rows}", py_ids.len());
+    cleanup(&amqp, &queue).await;
+}
+
+#[tokio::test]
+async fn shared_queue_python_declares_first() {
+    shared_queue(true).await;
+}
+
+#[tokio::test]
+async fn shared_queue_mailhook_declares_first() {
+    shared_queue(false).await;
 }
