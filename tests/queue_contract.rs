@@ -281,3 +281,105 @@ mod amqp {
         cleanup(&url, &q).await;
     }
 }
+
+mod redis {
+    use super::*;
+
+    /// `url` with its database number replaced by `db`.
+    ///
+    /// kombu's unacked bookkeeping is one per Redis database, and whoever restores it uses its
+    /// own visibility timeout for every queue: the test with a 1 s timeout gets a database of its
+    /// own, so it never hands back another test's in-flight messages.
+    fn with_db(url: &str, db: u8) -> String {
+        match url.rsplit_once('/') {
+            Some((base, n)) if n.parse::<u8>().is_ok() => format!("{base}/{db}"),
+            _ => format!("{}/{db}", url.trim_end_matches('/')),
+        }
+    }
+
+    fn cfg(url: &str, queue: &str, visibility: Duration) -> BrokerConfig {
+        BrokerConfig {
+            url: url.to_owned(),
+            queue: queue.to_owned(),
+            visibility_timeout: visibility,
+            prefetch: 256,
+        }
+    }
+
+    /// A broker on a queue no other test uses, or `None` (skip) without Redis.
+    async fn open(db: u8, visibility: Duration) -> Option<(Arc<dyn Broker>, String, String)> {
+        let url = with_db(&common::redis_url().await?, db);
+        let queue = common::unique_queue("contract");
+        let b = queue::connect(&cfg(&url, &queue, visibility))
+            .await
+            .expect("redis broker");
+        Some((b, url, queue))
+    }
+
+    /// Removes the test's keys so runs do not pile up on the server.
+    async fn cleanup(url: &str, queue: &str) {
+        let Ok(client) = ::redis::Client::open(url) else {
+            return;
+        };
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            let _: Result<(), _> = ::redis::cmd("DEL")
+                .arg(queue)
+                .arg(format!("{queue}.dlq"))
+                .arg(format!("_kombu.binding.{queue}"))
+                .arg(format!("_kombu.binding_permanent.{queue}"))
+                .query_async(&mut c)
+                .await;
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn publish_fetch_ack() {
+        let Some((b, url, q)) = open(0, LONG).await else {
+            return;
+        };
+        super::publish_fetch_ack(b).await;
+        cleanup(&url, &q).await;
+    }
+
+    /// Also the kill -9 case: the first broker is dropped with the message unacked, as a
+    /// crashed worker leaves it; the next consumer restores it after the visibility timeout.
+    #[tokio::test]
+    async fn unacked_comes_back() {
+        let vt = Duration::from_secs(1);
+        let Some((b, url, q)) = open(1, vt).await else {
+            return;
+        };
+        let reopen = async { queue::connect(&cfg(&url, &q, vt)).await.expect("redis") };
+        super::unacked_comes_back(b, reopen).await;
+        cleanup(&url, &q).await;
+    }
+
+    #[tokio::test]
+    async fn retry_redelivers() {
+        let Some((b, url, q)) = open(0, LONG).await else {
+            return;
+        };
+        super::retry_redelivers(b).await;
+        cleanup(&url, &q).await;
+    }
+
+    #[tokio::test]
+    async fn dead_letter_and_replay() {
+        let Some((b, url, q)) = open(0, LONG).await else {
+            return;
+        };
+        super::dead_letter_and_replay(b).await;
+        cleanup(&url, &q).await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_publish() {
+        let Some((b, url, q)) = open(0, LONG).await else {
+            return;
+        };
+        super::concurrent_publish(b).await;
+        cleanup(&url, &q).await;
+    }
+}

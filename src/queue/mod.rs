@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod celery;
+pub mod redis;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -132,6 +133,7 @@ pub async fn connect(cfg: &BrokerConfig) -> Result<Arc<dyn Broker>, QueueError> 
     match scheme {
         "sqlite" => Ok(Arc::new(sqlite::SqliteBroker::open(cfg).await?)),
         "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBroker::open(cfg).await?)),
+        "redis" | "rediss" => Ok(Arc::new(redis::RedisBroker::open(cfg).await?)),
         _ => Err(QueueError::UnsupportedUrl(scheme.to_owned())),
     }
 }
