@@ -1,12 +1,123 @@
 //! mailhook and Python Celery sharing a Redis queue, each test on its own queue name.
 //! Redis, PostgreSQL and Python that are not usable are skipped locally and fail under CI=true.
+//!
+//! kombu keeps one `unacked` bookkeeping per Redis database and every consumer restores every
+//! queue's expired entries with its own visibility timeout. The tests with the default (3600 s)
+//! share database 0; each test with a short timeout gets a database of its own, so it can never
+//! hand back another test's in-flight message.
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use common::celery::{self as py, PythonWorker, WorkerOpts};
+use mailhook::config::{CommonArgs, ServeArgs};
 use mailhook::queue::celery::DEFAULT_TASK;
+use mailhook::queue::{self, Broker, BrokerConfig, TaskMessage};
+use mailhook::store::{self, Store};
+use serde_json::Value;
+
+/// `url` with its database number replaced by `db`.
+fn with_db(url: &str, db: u8) -> String {
+    match url.rsplit_once('/') {
+        Some((base, n)) if n.parse::<u8>().is_ok() => format!("{base}/{db}"),
+        _ => format!("{}/{db}", url.trim_end_matches('/')),
+    }
+}
+
+/// App settings: `database` for rows, Redis at `redis` on `queue`, kombu's visibility timeout
+/// unless `visibility` says otherwise.
+fn redis_common(database: &str, redis: &str, queue: &str, visibility: Option<u64>) -> CommonArgs {
+    CommonArgs {
+        database_url: database.to_owned(),
+        broker_url: Some(redis.to_owned()),
+        queue: queue.to_owned(),
+        task_name: DEFAULT_TASK.into(),
+        visibility_timeout: visibility,
+    }
+}
+
+/// An API-only app on `queue`, with a throwaway SQLite store it never writes to.
+async fn api_only(dir: &std::path::Path, redis: &str, queue: &str) -> common::TestApp {
+    let db = format!("sqlite://{}", dir.join("unused.db").display());
+    let args = ServeArgs {
+        no_worker: true,
+        ..common::serve_args()
+    };
+    common::spawn_with(redis_common(&db, redis, queue, None), args).await
+}
+
+fn broker_cfg(redis: &str, queue: &str, visibility: Duration) -> BrokerConfig {
+    BrokerConfig {
+        url: redis.to_owned(),
+        queue: queue.to_owned(),
+        visibility_timeout: visibility,
+        prefetch: 256,
+    }
+}
+
+/// A tracking event that normalizes to exactly one row, distinct for each `n`.
+fn opened(tag: &str, n: usize) -> String {
+    format!(
+        r#"{{"notificationType":"OPENED","recipient":"r{n}@example.com","sendDateTime":1721161444325,"messageId":"{tag}-{n}","callbackData":"{{\"qj_contact_id\": {n}}}"}}"#
+    )
+}
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
+/// Messages waiting on the queue's list.
+async fn ready_count(url: &str, queue: &str) -> i64 {
+    redis::cmd("LLEN")
+        .arg(queue)
+        .query_async(&mut redis_conn(url).await)
+        .await
+        .expect("LLEN")
+}
+
+/// Removes the test's keys so runs do not pile up on the server.
+async fn cleanup(url: &str, queue: &str) {
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(queue)
+        .arg(format!("{queue}.dlq"))
+        .arg(format!("_kombu.binding.{queue}"))
+        .arg(format!("_kombu.binding_permanent.{queue}"))
+        .query_async(&mut redis_conn(url).await)
+        .await;
+}
+
+/// Posts `n` distinct callbacks through the API, 10 clients at once.
+async fn post_many(app: &common::TestApp, tag: &str, n: usize) {
+    let mut posts = tokio::task::JoinSet::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(n.div_ceil(10).max(1)) {
+        let client = app.client.clone();
+        let url = app.url("/email");
+        let bodies: Vec<String> = chunk.iter().map(|&i| opened(tag, i)).collect();
+        posts.spawn(async move {
+            for b in bodies {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(b)
+                    .send()
+                    .await
+                    .expect("sent");
+                assert_eq!(r.status(), 202);
+            }
+        });
+    }
+    while let Some(r) = posts.join_next().await {
+        r.expect("poster");
+    }
+}
 
 /// The harness itself: Python's producer reaches Python's worker on a fresh queue.
 #[tokio::test]
@@ -29,6 +140,387 @@ async fn python_harness_round_trip() {
     );
     let got = worker.wait_received(1, Duration::from_secs(30)).await;
     assert_eq!(got[0]["task_id"], ids[0].as_str());
-    let want: serde_json::Value = serde_json::from_str(&payload).expect("fixture is JSON");
+    let want: Value = serde_json::from_str(&payload).expect("fixture is JSON");
     assert_eq!(got[0]["payload"], want);
+    worker.stop(Duration::from_secs(10)).await;
+    cleanup(&redis, &queue).await;
+}
+
+/// mailhook's API publishes each example; a Python Celery worker receives exactly those
+/// payloads, and the API's receive time as `received_at`.
+#[tokio::test]
+async fn python_worker_receives_what_the_api_publishes() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    let Some(venv) = py::ensure_venv() else {
+        return;
+    };
+    let queue = common::unique_queue("redis-py-consumes");
+    let dir = tempfile::tempdir().expect("dir");
+    let app = api_only(dir.path(), &redis, &queue).await;
+    let py = PythonWorker::start(&venv, &WorkerOpts::new(&redis, &queue)).await;
+
+    let before = Utc::now();
+    let mut sent: HashMap<String, Value> = HashMap::new();
+    for name in common::EXAMPLES {
+        let body = common::example(name);
+        let r = app.post(body.clone()).await;
+        assert_eq!(r.status(), 202, "{name}");
+        let answer: Value = r.json().await.expect("json answer");
+        let id = answer["task_id"].as_str().expect("task id").to_owned();
+        sent.insert(id, serde_json::from_str(&body).expect("example is JSON"));
+    }
+    let after = Utc::now();
+    let got = py.wait_received(sent.len(), Duration::from_secs(60)).await;
+    assert_eq!(got.len(), sent.len(), "each callback handled once");
+    for line in &got {
+        let id = line["task_id"].as_str().expect("task id");
+        let want = sent
+            .get(id)
+            .unwrap_or_else(|| panic!("unknown task id {id}"));
+        assert_eq!(&line["payload"], want, "payload of {id} arrives intact");
+        let at = line["received_at"].as_str().expect("received_at is sent");
+        let at = DateTime::parse_from_rfc3339(at).expect("received_at is RFC 3339");
+        assert!(
+            before <= at && at <= after,
+            "received_at {at} is the API's receive time"
+        );
+    }
+    let log = py.log_text();
+    assert!(
+        !log.contains("KeyError") && !log.contains("Traceback"),
+        "python worker log:\n{log}"
+    );
+    assert_eq!(ready_count(&redis, &queue).await, 0);
+    py.stop(Duration::from_secs(10)).await;
+    app.stop().await;
+    cleanup(&redis, &queue).await;
+}
+
+/// Python's `send_task(..., queue=...)` for each example; mailhook's worker stores the rows in
+/// PostgreSQL, as the pure normalizer says they should be.
+#[tokio::test]
+async fn mailhook_worker_stores_what_python_sends() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    let Some(pg) = common::pg_database().await else {
+        return;
+    };
+    let Some(venv) = py::ensure_venv() else {
+        return;
+    };
+    let queue = common::unique_queue("redis-py-produces");
+    let app = common::spawn_with(
+        redis_common(&pg, &redis, &queue, None),
+        common::serve_args(),
+    )
+    .await;
+
+    let payloads: Vec<String> = common::EXAMPLES
+        .iter()
+        .map(|n| common::example(n))
+        .collect();
+    let mut expected = Vec::new();
+    for p in &payloads {
+        let v: Value = serde_json::from_str(p).expect("example is JSON");
+        expected.extend(mailhook::infobip::normalize(&v, Utc::now()).expect("example is valid"));
+    }
+    let before = Utc::now();
+    let ids = py::send_task(&venv, &redis, &queue, DEFAULT_TASK, &payloads);
+    assert_eq!(ids.len(), payloads.len());
+    common::wait_for_rows(&app.store, expected.len() as i64).await;
+    for want in &expected {
+        let rows = app
+            .store
+            .by_id_externo(&want.id_externo)
+            .await
+            .expect("by id");
+        let row = rows
+            .iter()
+            .find(|r| r.status == want.status && r.event_at == want.event_at)
+            .unwrap_or_else(|| panic!("no row {} {}: {rows:?}", want.id_externo, want.status));
+        assert_eq!(row.email, want.email, "{}", want.id_externo);
+        assert_eq!(row.qj_contact_id, want.qj_contact_id, "{}", want.id_externo);
+        // Python sends no received_at: the worker's clock stands in.
+        assert!(row.data_recebimento >= before - chrono::Duration::seconds(1));
+    }
+    common::eventually("queue drained", Duration::from_secs(15), || async {
+        (ready_count(&redis, &queue).await == 0).then_some(())
+    })
+    .await;
+    let store = app.store.clone();
+    app.stop().await;
+    assert_eq!(
+        store.count().await.expect("count"),
+        expected.len() as i64,
+        "one row per event"
+    );
+    cleanup(&redis, &queue).await;
+}
+
+/// A Python worker and a mailhook worker consume one queue at once; 200 callbacks through the
+/// API are each handled exactly once in total (Python's lines plus PostgreSQL rows).
+#[tokio::test]
+async fn python_and_mailhook_workers_share_the_queue() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    let Some(pg) = common::pg_database().await else {
+        return;
+    };
+    let Some(venv) = py::ensure_venv() else {
+        return;
+    };
+    let queue = common::unique_queue("redis-shared");
+    const N: usize = 200;
+    let py = PythonWorker::start(&venv, &WorkerOpts::new(&redis, &queue)).await;
+    // Small batches, so the mailhook worker does not drain the queue before Python's first
+    // poll: both must take part.
+    let mut args = common::serve_args();
+    args.worker.prefetch = 8;
+    let app = common::spawn_with(redis_common(&pg, &redis, &queue, None), args).await;
+
+    post_many(&app, "shared", N).await;
+    let store = app.store.clone();
+    common::eventually(
+        "every callback handled",
+        Duration::from_secs(90),
+        || async {
+            let rows = usize::try_from(store.count().await.ok()?).ok()?;
+            (py.received().len() + rows >= N).then_some(())
+        },
+    )
+    .await;
+    common::eventually("queue drained", Duration::from_secs(15), || async {
+        (ready_count(&redis, &queue).await == 0).then_some(())
+    })
+    .await;
+    let lines = py.received();
+    py.stop(Duration::from_secs(15)).await;
+    app.stop().await;
+
+    let py_ids: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            l["payload"]["messageId"]
+                .as_str()
+                .expect("messageId")
+                .to_owned()
+        })
+        .collect();
+    let py_set: HashSet<&String> = py_ids.iter().collect();
+    assert_eq!(py_set.len(), py_ids.len(), "python handled none twice");
+    let rows = store.count().await.expect("count");
+    assert_eq!(
+        py_ids.len() + rows as usize,
+        N,
+        "handled exactly once in total"
+    );
+    for id in &py_ids {
+        assert!(
+            store.by_id_externo(id).await.expect("by id").is_empty(),
+            "{id} handled by both"
+        );
+    }
+    for n in 0..N {
+        let id = format!("shared-{n}");
+        if !py_set.contains(&id) {
+            assert_eq!(
+                store.by_id_externo(&id).await.expect("by id").len(),
+                1,
+                "{id} stored once"
+            );
+        }
+    }
+    assert!(!py_ids.is_empty(), "the Python worker took part");
+    assert!(rows > 0, "the mailhook worker took part");
+    eprintln!("python handled {}, mailhook stored {rows}", py_ids.len());
+    cleanup(&redis, &queue).await;
+}
+
+/// kill -9 of a mailhook worker: it fetched a batch, stored a third of it, and died before
+/// acking. After the visibility timeout the next worker gets the whole batch back, and the
+/// dedupe key absorbs the third already stored: every callback once, none lost.
+#[tokio::test]
+async fn killed_worker_batch_comes_back_without_doubles() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    let Some(pg) = common::pg_database().await else {
+        return;
+    };
+    let redis = with_db(&redis, 2);
+    let queue = common::unique_queue("redis-crash");
+    const N: usize = 60;
+    let vt = Duration::from_secs(2);
+
+    let producer = queue::connect(&broker_cfg(&redis, &queue, vt))
+        .await
+        .expect("producer");
+    for n in 0..N {
+        let p = opened("crash", n);
+        let m = TaskMessage::for_payload(DEFAULT_TASK, p.as_bytes(), Utc::now());
+        producer.publish(&m).await.expect("publish");
+    }
+    let store: Arc<dyn Store> = store::connect(&pg, 2).await.expect("store");
+    store.migrate().await.expect("migrate");
+    {
+        let doomed = queue::connect(&broker_cfg(&redis, &queue, vt))
+            .await
+            .expect("consumer");
+        let batch = fetch_n(&doomed, N).await;
+        assert_eq!(batch.len(), N, "the whole batch is delivered");
+        let mut rows = Vec::new();
+        for d in &batch[..N / 3] {
+            let args = queue::celery::decode_body(&d.body).expect("body");
+            rows.extend(
+                mailhook::infobip::normalize(&args.payload, Utc::now()).expect("valid payload"),
+            );
+        }
+        assert_eq!(
+            store.insert_batch(&rows).await.expect("insert"),
+            (N / 3) as u64
+        );
+        // Nothing acked: the batch sits in `unacked`, as a killed process leaves it.
+    }
+    let app = common::spawn_with(
+        redis_common(&pg, &redis, &queue, Some(vt.as_secs())),
+        common::serve_args(),
+    )
+    .await;
+    common::wait_for_rows(&app.store, N as i64).await;
+    common::eventually("queue drained", Duration::from_secs(15), || async {
+        (ready_count(&redis, &queue).await == 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    assert_eq!(
+        store.count().await.expect("count"),
+        N as i64,
+        "no row doubled"
+    );
+    for n in [0, N / 3, N - 1] {
+        let rows = store
+            .by_id_externo(&format!("crash-{n}"))
+            .await
+            .expect("by id");
+        assert_eq!(rows.len(), 1, "callback {n} stored once");
+    }
+    cleanup(&redis, &queue).await;
+}
+
+/// Our `unacked` entries are kombu's: a batch a mailhook consumer died holding is restored by a
+/// Python worker's own `restore_visible`, and handled there.
+#[tokio::test]
+async fn python_worker_restores_what_a_dead_mailhook_consumer_held() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    let Some(venv) = py::ensure_venv() else {
+        return;
+    };
+    let redis = with_db(&redis, 3);
+    let queue = common::unique_queue("redis-py-restores");
+    const N: usize = 10;
+    let vt = Duration::from_secs(2);
+    let producer = queue::connect(&broker_cfg(&redis, &queue, vt))
+        .await
+        .expect("producer");
+    let mut sent = HashSet::new();
+    for n in 0..N {
+        let p = opened("py-restores", n);
+        let m = TaskMessage::for_payload(DEFAULT_TASK, p.as_bytes(), Utc::now());
+        producer.publish(&m).await.expect("publish");
+        sent.insert(m.id);
+    }
+    {
+        let doomed = queue::connect(&broker_cfg(&redis, &queue, vt))
+            .await
+            .expect("consumer");
+        assert_eq!(fetch_n(&doomed, N).await.len(), N);
+    }
+    assert_eq!(ready_count(&redis, &queue).await, 0, "all held unacked");
+    let mut opts = WorkerOpts::new(&redis, &queue);
+    opts.visibility_timeout = vt.as_secs();
+    opts.env
+        .push(("MAILHOOK_RESTORE_INTERVAL".into(), "1".into()));
+    let py = PythonWorker::start(&venv, &opts).await;
+    let got = py.wait_received(N, Duration::from_secs(60)).await;
+    let ids: HashSet<String> = got
+        .iter()
+        .map(|l| l["task_id"].as_str().expect("task id").to_owned())
+        .collect();
+    assert_eq!(got.len(), N, "each handled once");
+    assert_eq!(ids, sent);
+    py.stop(Duration::from_secs(10)).await;
+    cleanup(&redis, &queue).await;
+}
+
+/// And the other way round: a Python worker killed mid-task leaves its message in `unacked`;
+/// mailhook's restore puts it back and mailhook's worker stores it.
+#[tokio::test]
+async fn mailhook_restores_what_a_killed_python_worker_held() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    let Some(pg) = common::pg_database().await else {
+        return;
+    };
+    let Some(venv) = py::ensure_venv() else {
+        return;
+    };
+    let redis = with_db(&redis, 4);
+    let queue = common::unique_queue("redis-mh-restores");
+    let vt = Duration::from_secs(2);
+    let mut opts = WorkerOpts::new(&redis, &queue);
+    opts.visibility_timeout = vt.as_secs();
+    opts.env.push(("MAILHOOK_TASK_SLEEP".into(), "60".into()));
+    let mut py = PythonWorker::start(&venv, &opts).await;
+    let payload = opened("mh-restores", 1);
+    let ids = py::send_task(
+        &venv,
+        &redis,
+        &queue,
+        DEFAULT_TASK,
+        std::slice::from_ref(&payload),
+    );
+    common::eventually("python took the task", Duration::from_secs(30), || async {
+        py.log_text()
+            .contains(&format!("[{}] received", ids[0]))
+            .then_some(())
+    })
+    .await;
+    py.kill();
+    assert_eq!(ready_count(&redis, &queue).await, 0, "held unacked");
+
+    let app = common::spawn_with(
+        redis_common(&pg, &redis, &queue, Some(vt.as_secs())),
+        common::serve_args(),
+    )
+    .await;
+    common::wait_for_rows(&app.store, 1).await;
+    let rows = app
+        .store
+        .by_id_externo("mh-restores-1")
+        .await
+        .expect("by id");
+    assert_eq!(rows.len(), 1);
+    app.stop().await;
+    cleanup(&redis, &queue).await;
+}
+
+/// Fetches until `n` deliveries arrived or the deadline passes.
+async fn fetch_n(b: &Arc<dyn Broker>, n: usize) -> Vec<queue::Delivery> {
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < n && std::time::Instant::now() < deadline {
+        got.extend(
+            b.fetch(n - got.len(), Duration::from_millis(300))
+                .await
+                .expect("fetch"),
+        );
+    }
+    got
 }

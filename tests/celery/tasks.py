@@ -7,6 +7,9 @@ Everything comes from the environment, so one file serves Redis and RabbitMQ tes
   MAILHOOK_OUT                 file the task appends one JSON line per call to (required by the task)
   MAILHOOK_VISIBILITY_TIMEOUT  Redis visibility timeout in seconds (must match mailhook's), default 3600
   MAILHOOK_TASK_FAIL           if set, the task raises instead of recording (to test redelivery)
+  MAILHOOK_TASK_SLEEP          seconds the task sleeps before recording (to kill it mid-task)
+  MAILHOOK_RESTORE_INTERVAL    Redis: seconds between kombu's sweeps of expired unacked messages
+                               (kombu's default is about 100 s: 10 s interval x throttle 10)
 
 Each call appends `{"task_id": ..., "payload": ..., "received_at": ...}` and fsyncs before it
 returns, so with acks_late a line on disk means the message was handled (a crash before the line
@@ -15,6 +18,7 @@ redelivers it; a crash between line and ack can double it, which the tests accou
 
 import json
 import os
+import time
 
 from celery import Celery
 
@@ -29,6 +33,11 @@ if BROKER_URL.startswith(("redis://", "rediss://")):
     # kombu's Redis transport restores *every* unacked message older than this, ours included:
     # both sides must agree, or one steals the other's in-flight messages.
     transport_options["visibility_timeout"] = VISIBILITY_TIMEOUT
+    if os.environ.get("MAILHOOK_RESTORE_INTERVAL"):
+        transport_options["unacked_restore_interval"] = int(
+            os.environ["MAILHOOK_RESTORE_INTERVAL"]
+        )
+        transport_options["unacked_restore_throttle"] = 1
 elif BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://")):
     # send.py must not exit before RabbitMQ has the message.
     transport_options["confirm_publish"] = True
@@ -52,6 +61,8 @@ def process_email_callback(self, payload, received_at=None):
     """Records the callback as one JSON line; the test reads the file."""
     if os.environ.get("MAILHOOK_TASK_FAIL"):
         raise RuntimeError("MAILHOOK_TASK_FAIL is set")
+    if os.environ.get("MAILHOOK_TASK_SLEEP"):
+        time.sleep(float(os.environ["MAILHOOK_TASK_SLEEP"]))
     line = json.dumps(
         {"task_id": self.request.id, "payload": payload, "received_at": received_at}
     )
