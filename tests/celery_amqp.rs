@@ -406,12 +406,16 @@ async fn shared_queue(python_declares_first: bool) {
     const N: usize = 200;
 
     let opts = WorkerOpts::new(&amqp, &queue);
+    // A small prefetch, so RabbitMQ cannot hand nearly everything to mailhook while Python (one
+    // message at a time) is busy: both workers really interleave on the queue.
+    let mut args = common::serve_args();
+    args.worker.prefetch = 4;
     let (py, app) = if python_declares_first {
         let py = PythonWorker::start(&venv, &opts).await;
-        let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), common::serve_args()).await;
+        let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), args).await;
         (py, app)
     } else {
-        let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), common::serve_args()).await;
+        let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), args).await;
         let py = PythonWorker::start(&venv, &opts).await;
         (py, app)
     };
@@ -453,6 +457,9 @@ async fn shared_queue(python_declares_first: bool) {
     .await;
     assert_no_precondition_failure(&py);
     let lines = py.received();
+    if std::env::var_os("MAILHOOK_TEST_SHOW_PY_LOG").is_some() {
+        eprintln!("{}", py.log_text());
+    }
     py.stop(Duration::from_secs(15)).await;
     app.stop().await;
 
