@@ -1,4 +1,5 @@
-//! mailhook and Python Celery sharing a Redis queue, each test on its own queue name.
+//! mailhook on Redis, alone and sharing the queue with Python Celery, each test on its own
+//! queue name.
 //! Redis, PostgreSQL and Python that are not usable are skipped locally and fail under CI=true.
 //!
 //! kombu keeps one `unacked` bookkeeping per Redis database and every consumer restores every
@@ -507,6 +508,165 @@ async fn mailhook_restores_what_a_killed_python_worker_held() {
         .await
         .expect("by id");
     assert_eq!(rows.len(), 1);
+    app.stop().await;
+    cleanup(&redis, &queue).await;
+}
+
+/// What cannot be read is dead-lettered with the reason, never dropped: an envelope that is not
+/// JSON, a body that is not base64, and a task this worker does not know (sent by Python).
+#[tokio::test]
+async fn unreadable_messages_are_dead_lettered_not_lost() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    let Some(venv) = py::ensure_venv() else {
+        return;
+    };
+    let redis = with_db(&redis, 6);
+    let queue = common::unique_queue("redis-garbage");
+    let mut c = redis_conn(&redis).await;
+    let bad_body = serde_json::json!({
+        "body": "%%% not base64 %%%",
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"id": "bad-body", "task": DEFAULT_TASK},
+        "properties": {"body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string(),
+                       "delivery_info": {"exchange": "", "routing_key": queue}},
+    });
+    let _: () = redis::pipe()
+        .lpush(&queue, "this is not a kombu envelope")
+        .ignore()
+        .lpush(&queue, bad_body.to_string())
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .expect("LPUSH");
+    py::send_task(
+        &venv,
+        &redis,
+        &queue,
+        "someone.elses_task",
+        &[opened("garbage", 1)],
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let mut common_args = common::sqlite_common(dir.path());
+    common_args.broker_url = Some(redis.clone());
+    common_args.queue = queue.clone();
+    let app = common::spawn_with(common_args, common::serve_args()).await;
+    let broker = queue::connect(&broker_cfg(&redis, &queue, Duration::from_secs(3600)))
+        .await
+        .expect("broker");
+    let dead = common::eventually("3 dead letters", Duration::from_secs(30), || async {
+        let dl = broker.dlq_list(10).await.ok()?;
+        (dl.len() == 3).then_some(dl)
+    })
+    .await;
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("someone.elses_task")),
+        "{reasons:?}"
+    );
+    assert!(dead.iter().any(|d| d.task_id == "bad-body"), "{dead:?}");
+    assert_eq!(ready_count(&redis, &queue).await, 0);
+    let unacked: i64 = redis::cmd("HLEN")
+        .arg("unacked")
+        .query_async(&mut c)
+        .await
+        .expect("HLEN");
+    assert_eq!(unacked, 0, "dead letters are acked");
+    assert_eq!(app.store.count().await.expect("count"), 0);
+    app.stop().await;
+    // Replayed, the Python-sent one is intact and dead-letters again with the same reason.
+    let id = dead
+        .iter()
+        .find(|d| d.reason.contains("someone.elses_task"))
+        .map(|d| d.id.clone())
+        .expect("python's dead letter");
+    assert_eq!(broker.dlq_replay(Some(&id)).await.expect("replay"), 1);
+    let again = fetch_n(&broker, 1).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].task, "someone.elses_task");
+    assert_eq!(again[0].attempts, 1, "attempts reset by replay");
+    let args = queue::celery::decode_body(&again[0].body).expect("body intact");
+    assert_eq!(args.payload["messageId"], "garbage-1");
+    broker.ack(&again).await.expect("ack");
+    cleanup(&redis, &queue).await;
+}
+
+/// When Redis drops mailhook's connection, the API reconnects by itself: answers are 202 or
+/// 503 meanwhile, and every callback answered 202 is on the queue.
+#[tokio::test]
+async fn api_reconnects_after_redis_drops_its_connection() {
+    let Some(redis) = common::redis_url().await else {
+        return;
+    };
+    // Database 5 is this test's alone: its clients are the ones to kill.
+    let redis = with_db(&redis, 5);
+    let queue = common::unique_queue("redis-reconnect");
+    let dir = tempfile::tempdir().expect("dir");
+    let app = api_only(dir.path(), &redis, &queue).await;
+    let post = |n: usize| {
+        let app = &app;
+        async move {
+            let r = app.post(opened("reconnect", n)).await;
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or_default();
+            let id = body["task_id"].as_str().unwrap_or_default().to_owned();
+            (status, id)
+        }
+    };
+    let mut accepted = Vec::new();
+    for n in 0..5 {
+        let (status, id) = post(n).await;
+        assert_eq!(status, 202);
+        accepted.push(id);
+    }
+    let mut admin = redis_conn(&with_db(&redis, 0)).await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT LIST");
+    let victims: Vec<&str> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == "db=5"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    assert!(!victims.is_empty(), "mailhook's connection is listed");
+    for id in &victims {
+        let _: Result<i64, _> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(*id)
+            .query_async(&mut admin)
+            .await;
+    }
+    let mut unavailable = 0;
+    let mut n = 5;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while accepted.len() < 10 {
+        let (status, id) = post(n).await;
+        n += 1;
+        match status {
+            202 => accepted.push(id),
+            503 => unavailable += 1,
+            other => panic!("unexpected status {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the API did not recover"
+        );
+    }
+    eprintln!("503 answers while reconnecting: {unavailable}");
+    let reader = queue::connect(&broker_cfg(&redis, &queue, Duration::from_secs(3600)))
+        .await
+        .expect("reader");
+    let got = fetch_n(&reader, accepted.len()).await;
+    let mut ids: Vec<_> = got.iter().map(|d| d.task_id.clone()).collect();
+    ids.sort();
+    accepted.sort();
+    assert_eq!(ids, accepted, "every 202 is on the queue, once");
+    reader.ack(&got).await.expect("ack");
     app.stop().await;
     cleanup(&redis, &queue).await;
 }
