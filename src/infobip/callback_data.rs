@@ -32,14 +32,41 @@ pub fn decode(text: &str) -> Option<Value> {
     (p.pos == p.src.len()).then_some(v)
 }
 
+/// `callbackData` as stored: JSON text for the `callback_data` column, and `qj_contact_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    /// The data as JSON text (the sender's own text when it already was JSON).
+    pub json: String,
+    /// `qj_contact_id`, when present and an integer or a string holding one.
+    pub contact_id: Option<i64>,
+}
+
+/// Decodes `callbackData` for a row: [`decode`] then [`contact_id`], keeping the sender's own
+/// text when it already is JSON (it was just validated by the same parser) instead of
+/// serializing the tree again; this runs for every stored event.
+pub fn read(text: &str) -> Option<Read> {
+    let trimmed = text.trim();
+    if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
+        return Some(Read {
+            json: trimmed.to_owned(),
+            contact_id: contact_id(&v),
+        });
+    }
+    let v = decode(trimmed)?;
+    Some(Read {
+        json: v.to_string(),
+        contact_id: contact_id(&v),
+    })
+}
+
+fn float_id(f: f64) -> Option<i64> {
+    (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
+}
+
 /// Reads `qj_contact_id` from decoded callback data: an integer, or a string holding one.
 pub fn contact_id(data: &Value) -> Option<i64> {
     match data.get("qj_contact_id")? {
-        Value::Number(n) => n.as_i64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
-                .map(|f| f as i64)
-        }),
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().and_then(float_id)),
         Value::String(s) => s.trim().parse::<i64>().ok(),
         _ => None,
     }
@@ -435,6 +462,33 @@ mod tests {
         fn python_repr_round_trips(v in arb_json()) {
             let text = python_repr(&v);
             prop_assert_eq!(decode(&text), Some(v));
+        }
+
+        #[test]
+        fn read_agrees_with_decode(v in arb_json(), python in any::<bool>(), id in prop_oneof![
+            Just(json!(null)), any::<i64>().prop_map(|i| json!(i)), any::<i64>().prop_map(|i| json!(i.to_string())),
+            Just(json!(4.0)), Just(json!(4.5)), Just(json!("x")), Just(json!([1])), Just(json!(1e300)),
+        ]) {
+            let mut v = v;
+            if let Value::Object(m) = &mut v {
+                m.insert("qj_contact_id".into(), id);
+            }
+            let text = if python { python_repr(&v) } else { v.to_string() };
+            let slow = decode(&text);
+            let fast = read(&text);
+            prop_assert_eq!(fast.is_some(), slow.is_some());
+            if let (Some(f), Some(s)) = (fast, slow) {
+                prop_assert_eq!(f.contact_id, contact_id(&s));
+                let reparsed: Value = serde_json::from_str(&f.json).expect("json text");
+                prop_assert_eq!(reparsed, s);
+            }
+        }
+
+        #[test]
+        fn read_agrees_with_decode_on_text(s in "\\PC*") {
+            let slow = decode(&s);
+            let fast = read(&s);
+            prop_assert_eq!(fast.as_ref().map(|f| f.contact_id), slow.as_ref().map(contact_id));
         }
 
         #[test]

@@ -240,10 +240,12 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
             .and_then(Value::as_str)
             .map(clean)
     };
-    let decoded = match m.get("callbackData") {
-        Some(Value::String(s)) => callback_data::decode(s),
-        Some(v @ Value::Object(_)) => Some(v.clone()),
-        _ => None,
+    let (callback_json, qj_contact_id) = match m.get("callbackData") {
+        Some(Value::String(s)) => {
+            callback_data::read(s).map_or((None, None), |r| (Some(r.json), r.contact_id))
+        }
+        Some(v @ Value::Object(_)) => (Some(v.to_string()), callback_data::contact_id(v)),
+        _ => (None, None),
     };
     let url = text("url");
     let dedupe_key = dedupe_key(
@@ -261,7 +263,7 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
         email,
         data_recebimento: received_at,
         id_externo,
-        qj_contact_id: decoded.as_ref().and_then(callback_data::contact_id),
+        qj_contact_id,
         event_at,
         status_name,
         error_name,
@@ -271,8 +273,9 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
         url,
         country: geo_text("countryName"),
         city: geo_text("city"),
-        callback_data: decoded.map(|v| v.to_string()),
-        raw: Value::Object(m.clone()).to_string(),
+        callback_data: callback_json,
+        // Serializing a map cannot fail (string keys, no non-finite floats in a parsed Value).
+        raw: serde_json::to_string(m).unwrap_or_default(),
         dedupe_key,
     }
 }
