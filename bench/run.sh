@@ -255,7 +255,7 @@ phase() { # config payload
     rows_at_load_end=$(count_rows "$db_url")
     rows=$rows_at_load_end
     local prev=-1 deadline stable=0
-    deadline=$(awk -v t="$t_load" -v d="$DRAIN_TIMEOUT" 'BEGIN{print t + d}')
+    deadline=$(awk -v t="$t_load" -v d="$DRAIN_TIMEOUT" 'BEGIN{printf "%.3f", t + d}')
     # Until every accepted event is a row, then until the count stops moving (requests cut
     # off by wrk's deadline may have been committed too).
     while :; do
