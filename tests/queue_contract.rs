@@ -382,4 +382,33 @@ mod redis {
         super::concurrent_publish(b).await;
         cleanup(&url, &q).await;
     }
+
+    /// One fetch hands out about 16 MiB at most, so large callbacks cannot exhaust memory;
+    /// the rest waits for the next fetch.
+    #[tokio::test]
+    async fn fetch_is_bounded_in_bytes() {
+        let Some((b, url, q)) = open(0, LONG).await else {
+            return;
+        };
+        let big = format!(
+            r#"{{"notificationType":"OPENED","messageId":"big","pad":"{}"}}"#,
+            "x".repeat(6 << 20)
+        );
+        for _ in 0..4 {
+            let m =
+                TaskMessage::for_payload(queue::celery::DEFAULT_TASK, big.as_bytes(), Utc::now());
+            b.publish(&m).await.expect("publish");
+        }
+        let first = b.fetch(10, Duration::from_secs(2)).await.expect("fetch");
+        assert!(
+            (1..4).contains(&first.len()),
+            "one fetch took {} messages of 6 MiB",
+            first.len()
+        );
+        let rest = fetch_n(&b, 4 - first.len()).await;
+        assert_eq!(first.len() + rest.len(), 4);
+        b.ack(&first).await.expect("ack");
+        b.ack(&rest).await.expect("ack");
+        cleanup(&url, &q).await;
+    }
 }

@@ -45,16 +45,22 @@ const RESTORE_BATCH: isize = 256;
 /// Polling backoff of an idle consumer: starts short so a fresh message is picked up fast.
 const POLL_MIN: Duration = Duration::from_millis(20);
 const POLL_MAX: Duration = Duration::from_millis(200);
+/// Envelope bytes one fetch hands out at most (one message is always taken), so a batch of
+/// large callbacks cannot exhaust memory.
+const MAX_FETCH_BYTES: usize = 16 << 20;
 /// Dead letters read per `LRANGE` when replaying.
 const DLQ_CHUNK: isize = 500;
 
-/// Pops up to ARGV[1] envelopes from KEYS[1] and records each as unacked, atomically.
-/// Returns `[tag, envelope, tag, envelope, ...]`.
+/// Pops up to ARGV[1] envelopes (and about ARGV[4] bytes: at least one) from KEYS[1] and
+/// records each as unacked, atomically. Returns `[tag, envelope, tag, envelope, ...]`.
 const FETCH: &str = r#"
 local out = {}
+local bytes = 0
 for i = 1, tonumber(ARGV[1]) do
+  if bytes >= tonumber(ARGV[4]) then break end
   local env = redis.call('RPOP', KEYS[1])
   if not env then break end
+  bytes = bytes + #env
   local tag, ex, rk = nil, '', KEYS[1]
   local ok, m = pcall(cjson.decode, env)
   local entry
@@ -418,6 +424,7 @@ impl RedisBroker {
             .arg(max)
             .arg(now_secs())
             .arg(&fallback)
+            .arg(MAX_FETCH_BYTES)
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
