@@ -552,3 +552,27 @@ proptest! {
         prop_assert!(rows.iter().all(|r| r.id_externo == id && r.status == status));
     }
 }
+
+/// Found by the `callback_data` fuzz target: the JSON text stored for a long number (4.000004e31)
+/// read back one ULP off (4.0000040000000003e31) under serde_json's default, approximate float
+/// parser; the `float_roundtrip` feature makes parsing exact, so stored JSON reads back unchanged.
+#[test]
+fn long_numbers_read_back_exactly() {
+    for text in [
+        "0000004000004000000000000000000000000",
+        "333333333333333333333333333333333323333333",
+        "{'n': 4.000004e31, 'm': 0.30000000000000004}",
+    ] {
+        let v = callback_data::decode(text).expect("decodes");
+        let stored = v.to_string();
+        let back: Value = serde_json::from_str(&stored).expect("stored text is JSON");
+        assert_eq!(back, v, "{text}");
+    }
+    let payload = json!({"notificationType": "OPENED", "messageId": "m",
+        "callbackData": "{'qj_contact_id': 7, 'n': 0000004000004000000000000000000000000}"});
+    let rows = normalize(&payload, received()).expect("normalizes");
+    let cb: Value =
+        serde_json::from_str(rows[0].callback_data.as_deref().expect("decoded")).expect("JSON");
+    assert_eq!(cb["n"].as_f64(), Some(4.000004e30));
+    assert_eq!(rows[0].qj_contact_id, Some(7));
+}
