@@ -113,7 +113,7 @@ async fn database_failure_is_retried_with_the_message_kept() {
     );
     let q = sqlx::SqlitePool::connect(&q_url).await.expect("queue pool");
     eventually("a second attempt", Duration::from_secs(10), || async {
-        let n: i64 = sqlx::query_scalar("SELECT max(attempts) FROM queue_message")
+        let n: i64 = sqlx::query_scalar("SELECT max(attempts) FROM queue_lease")
             .fetch_one(&q)
             .await
             .ok()?;

@@ -47,7 +47,7 @@ async fn database_outage_delays_but_loses_nothing() {
         .await
         .expect("queue");
     eventually("a retried delivery", Duration::from_secs(20), || async {
-        let n: Option<i64> = sqlx::query_scalar("SELECT max(attempts) FROM queue_message")
+        let n: Option<i64> = sqlx::query_scalar("SELECT max(attempts) FROM queue_lease")
             .fetch_one(&q)
             .await
             .ok()?;

@@ -1,9 +1,13 @@
-//! The embedded queue: a table in a SQLite file, with group commit.
+//! The embedded queue: tables in a SQLite file, written by one task with group commit.
 //!
-//! Publishers hand their message to one writer task, which inserts everything that is waiting in
-//! one transaction and answers each publisher after the commit. Under load, many requests share
-//! one fsync, and a 2xx still means "on disk". Consumers lease messages by moving `visible_at`
-//! into the future; a crashed consumer's leases simply expire.
+//! Every write of this process (publishes from the API, claims, acks and retries from the
+//! worker) goes to one writer task, which runs everything waiting in one transaction and answers
+//! each caller after the commit. Under load many requests share one fsync, a 2xx still means "on
+//! disk", and the API never waits in SQLite's busy handler behind its own worker. Other processes
+//! on the same file (a separate `mailhook worker`) take SQLite's lock in turn.
+//!
+//! Consumers lease messages in `queue_lease`, apart from the messages, so that taking a message
+//! rewrites a few bytes and not its body; a crashed consumer's leases simply expire.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -19,13 +23,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
 
-/// Messages a single group commit takes at most.
+/// Operations a single group commit takes at most.
 const MAX_GROUP: usize = 512;
-/// Bytes a single group commit takes at most (one message is always taken).
-const MAX_GROUP_BYTES: usize = 8 << 20;
+/// Bytes of published bodies a single group commit takes at most (one is always taken).
+const MAX_GROUP_BYTES: usize = 4 << 20;
 /// Bytes of bodies one fetch hands out at most (one message is always taken).
-const MAX_FETCH_BYTES: i64 = 16 << 20;
-/// Publishes waiting for the writer; beyond this the API answers 503 (backpressure).
+const MAX_FETCH_BYTES: i64 = 4 << 20;
+/// Operations waiting for the writer; a publish beyond this is refused (503, backpressure).
 const WRITER_BACKLOG: usize = 4096;
 /// How often an idle consumer looks for messages published by other processes.
 const POLL: Duration = Duration::from_millis(100);
@@ -37,18 +41,45 @@ CREATE TABLE IF NOT EXISTS queue_message (
     task_id     TEXT    NOT NULL,
     task        TEXT    NOT NULL,
     body        BLOB    NOT NULL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    visible_at  INTEGER NOT NULL,
     enqueued_at INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0, -- set when dead-lettered
     reason      TEXT,
     failed_at   TEXT
 );
 CREATE INDEX IF NOT EXISTS queue_message_queue_id ON queue_message (queue, id);
+CREATE TABLE IF NOT EXISTS queue_lease (
+    id         INTEGER PRIMARY KEY, -- queue_message.id
+    visible_at INTEGER NOT NULL,    -- unix ms; hidden from consumers until then
+    attempts   INTEGER NOT NULL     -- deliveries so far
+);
 "#;
 
-struct Pending {
-    msg: TaskMessage,
-    done: oneshot::Sender<Result<(), String>>,
+/// One write, run by the writer task inside a group transaction.
+enum Op {
+    Publish(TaskMessage),
+    Claim {
+        max: usize,
+    },
+    Ack(Vec<i64>),
+    Retry {
+        ids: Vec<i64>,
+        visible_at: i64,
+    },
+    DeadLetter {
+        id: i64,
+        reason: String,
+        attempts: u32,
+    },
+}
+
+enum Reply {
+    Done,
+    Claimed(Vec<Delivery>),
+}
+
+struct Cmd {
+    op: Op,
+    done: oneshot::Sender<Result<Reply, String>>,
 }
 
 /// A queue stored in a SQLite database file.
@@ -56,8 +87,7 @@ pub struct SqliteBroker {
     pool: SqlitePool,
     queue: String,
     dlq: String,
-    visibility_ms: i64,
-    writer: mpsc::Sender<Pending>,
+    writer: mpsc::Sender<Cmd>,
     published: Arc<Notify>,
 }
 
@@ -84,144 +114,281 @@ impl SqliteBroker {
         opts: SqliteConnectOptions,
     ) -> Result<Self, QueueError> {
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(2)
             .connect_with(opts.clone())
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         let conn = SqliteConnection::connect_with(&opts).await?;
         let (tx, rx) = mpsc::channel(WRITER_BACKLOG);
         let published = Arc::new(Notify::new());
-        tokio::spawn(writer(conn, cfg.queue.clone(), rx, published.clone()));
+        let writer = Writer {
+            conn,
+            queue: cfg.queue.clone(),
+            dlq: cfg.dlq(),
+            visibility_ms: i64::try_from(cfg.visibility_timeout.as_millis()).unwrap_or(i64::MAX),
+        };
+        // The writer gets a thread of its own (it is the one place this process writes the
+        // queue from); its future also borrows across awaits in ways rustc cannot yet prove
+        // `Send` for sqlx's executors, which a current-thread runtime does not require.
+        let notify = published.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| QueueError::Unavailable(format!("cannot start the queue writer: {e}")))?;
+        std::thread::Builder::new()
+            .name("mailhook-queue-writer".into())
+            .spawn(move || runtime.block_on(writer.run(rx, notify)))
+            .map_err(|e| QueueError::Unavailable(format!("cannot start the queue writer: {e}")))?;
         Ok(SqliteBroker {
             pool,
             queue: cfg.queue.clone(),
             dlq: cfg.dlq(),
-            visibility_ms: i64::try_from(cfg.visibility_timeout.as_millis()).unwrap_or(i64::MAX),
             writer: tx,
             published,
         })
     }
 
-    async fn claim(&self, max: usize) -> Result<Vec<Delivery>, QueueError> {
+    /// Hands `op` to the writer and waits for its commit.
+    async fn call(&self, op: Op) -> Result<Reply, QueueError> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(Cmd { op, done })
+            .await
+            .map_err(|_| stopped())?;
+        wait.await
+            .map_err(|_| stopped())?
+            .map_err(QueueError::Unavailable)
+    }
+}
+
+fn stopped() -> QueueError {
+    QueueError::Unavailable("the embedded queue writer has stopped".into())
+}
+
+/// Owns the one connection this process writes the queue with.
+struct Writer {
+    conn: SqliteConnection,
+    queue: String,
+    dlq: String,
+    visibility_ms: i64,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, published: Arc<Notify>) {
+        let mut group: Vec<Cmd> = Vec::with_capacity(MAX_GROUP);
+        while let Some(first) = rx.recv().await {
+            let mut bytes = body_len(&first.op);
+            group.push(first);
+            while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        bytes += body_len(&c.op);
+                        group.push(c);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let any_publish = group.iter().any(|c| matches!(c.op, Op::Publish(_)));
+            let cmds = std::mem::take(&mut group);
+            match self.transaction(&cmds).await {
+                Ok(replies) => {
+                    for (c, r) in cmds.into_iter().zip(replies) {
+                        // A caller that gave up (client went away) no longer listens.
+                        let _ = c.done.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, ops = cmds.len(), "embedded queue commit failed");
+                    // Run each alone, so that one failing operation fails alone.
+                    for c in cmds {
+                        let r = self
+                            .transaction(std::slice::from_ref(&c))
+                            .await
+                            .map(|mut r| r.pop().unwrap_or(Reply::Done))
+                            .map_err(|e| e.to_string());
+                        let _ = c.done.send(r);
+                    }
+                }
+            }
+            if any_publish {
+                published.notify_waiters();
+            }
+        }
+    }
+
+    /// Runs `ops` in one `BEGIN IMMEDIATE` transaction: one commit, one fsync for all of them.
+    async fn transaction(&mut self, ops: &[Cmd]) -> Result<Vec<Reply>, sqlx::Error> {
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut self.conn)
+            .await?;
+        match self.apply(ops).await {
+            Ok(replies) => {
+                sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
+                Ok(replies)
+            }
+            Err(e) => {
+                // The transaction is being abandoned: a failed rollback changes nothing more.
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply(&mut self, ops: &[Cmd]) -> Result<Vec<Reply>, sqlx::Error> {
         let now = now_ms();
+        let publishes: Vec<&TaskMessage> = ops
+            .iter()
+            .filter_map(|c| match &c.op {
+                Op::Publish(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        if !publishes.is_empty() {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO queue_message (queue, task_id, task, body, enqueued_at) ",
+            );
+            q.push_values(&publishes, |mut b, m| {
+                b.push_bind(&self.queue)
+                    .push_bind(&m.id)
+                    .push_bind(&m.task)
+                    .push_bind(&m.body)
+                    .push_bind(now);
+            });
+            q.build().execute(&mut self.conn).await?;
+        }
+        let mut replies = Vec::with_capacity(ops.len());
+        for c in ops {
+            let reply = match &c.op {
+                Op::Publish(_) => Reply::Done,
+                Op::Claim { max } => Reply::Claimed(self.claim(*max, now).await?),
+                Op::Ack(ids) => {
+                    by_ids(&mut self.conn, "DELETE FROM queue_message", ids).await?;
+                    by_ids(&mut self.conn, "DELETE FROM queue_lease", ids).await?;
+                    Reply::Done
+                }
+                Op::Retry { ids, visible_at } => {
+                    let head = format!("UPDATE queue_lease SET visible_at = {visible_at}");
+                    by_ids(&mut self.conn, &head, ids).await?;
+                    Reply::Done
+                }
+                Op::DeadLetter {
+                    id,
+                    reason,
+                    attempts,
+                } => {
+                    sqlx::query(
+                        "UPDATE queue_message SET queue = ?1, reason = ?2, failed_at = ?3, \
+                         attempts = ?4 WHERE id = ?5",
+                    )
+                    .bind(&self.dlq)
+                    .bind(reason)
+                    .bind(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true))
+                    .bind(i64::from(*attempts))
+                    .bind(id)
+                    .execute(&mut self.conn)
+                    .await?;
+                    by_ids(&mut self.conn, "DELETE FROM queue_lease", &[*id]).await?;
+                    Reply::Done
+                }
+            };
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    /// Leases up to `max` visible messages (within the byte budget) and returns them.
+    async fn claim(&mut self, max: usize, now: i64) -> Result<Vec<Delivery>, sqlx::Error> {
         let candidates = sqlx::query(
-            "SELECT id, length(body) FROM queue_message \
-             WHERE queue = ?1 AND visible_at <= ?2 ORDER BY id LIMIT ?3",
+            "SELECT m.id, length(m.body), coalesce(l.attempts, 0) \
+             FROM queue_message m LEFT JOIN queue_lease l ON l.id = m.id \
+             WHERE m.queue = ?1 AND (l.visible_at IS NULL OR l.visible_at <= ?2) \
+             ORDER BY m.id LIMIT ?3",
         )
         .bind(&self.queue)
         .bind(now)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut self.conn)
         .await?;
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let mut ids = Vec::with_capacity(candidates.len());
+        let mut chosen: Vec<(i64, i64)> = Vec::with_capacity(candidates.len());
         let mut bytes = 0i64;
         for row in &candidates {
             let len: i64 = row.try_get(1)?;
-            if !ids.is_empty() && bytes + len > MAX_FETCH_BYTES {
+            if !chosen.is_empty() && bytes + len > MAX_FETCH_BYTES {
                 break;
             }
             bytes += len;
-            ids.push(row.try_get::<i64, _>(0)?);
+            chosen.push((row.try_get(0)?, row.try_get::<i64, _>(2)? + 1));
         }
-        let mut q = QueryBuilder::<Sqlite>::new("UPDATE queue_message SET visible_at = ");
-        q.push_bind(now.saturating_add(self.visibility_ms))
-            .push(", attempts = attempts + 1 WHERE visible_at <= ")
-            .push_bind(now)
-            .push(" AND id IN (");
+        let visible_at = now.saturating_add(self.visibility_ms);
+        let mut q =
+            QueryBuilder::<Sqlite>::new("INSERT INTO queue_lease (id, visible_at, attempts) ");
+        q.push_values(&chosen, |mut b, (id, attempts)| {
+            b.push_bind(*id).push_bind(visible_at).push_bind(*attempts);
+        });
+        q.push(
+            " ON CONFLICT (id) DO UPDATE SET visible_at = excluded.visible_at, \
+             attempts = excluded.attempts",
+        );
+        q.build().execute(&mut self.conn).await?;
+
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT id, task_id, task, body FROM queue_message WHERE id IN (",
+        );
         let mut sep = q.separated(", ");
-        for id in &ids {
+        for (id, _) in &chosen {
             sep.push_bind(*id);
         }
-        q.push(") RETURNING id, task_id, task, body, attempts");
-        let mut rows = q.build().fetch_all(&self.pool).await?;
-        rows.sort_by_key(|r| r.try_get::<i64, _>(0).unwrap_or_default());
+        q.push(") ORDER BY id");
+        let rows = q.build().fetch_all(&mut self.conn).await?;
+        let attempts: std::collections::HashMap<i64, i64> = chosen.into_iter().collect();
         rows.into_iter()
             .map(|r| {
+                let id: i64 = r.try_get(0)?;
                 Ok(Delivery {
-                    tag: r.try_get::<i64, _>(0)?.to_string(),
+                    tag: id.to_string(),
                     task_id: r.try_get(1)?,
                     task: r.try_get(2)?,
                     body: r.try_get(3)?,
-                    attempts: u32::try_from(r.try_get::<i64, _>(4)?).unwrap_or(u32::MAX),
+                    attempts: u32::try_from(attempts.get(&id).copied().unwrap_or(1))
+                        .unwrap_or(u32::MAX),
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
-    }
-
-    /// Runs `UPDATE queue_message SET <set> WHERE id IN (<tags>)` or a DELETE.
-    async fn by_tags(&self, head: &str, deliveries: &[Delivery]) -> Result<(), QueueError> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
-        let mut q = QueryBuilder::<Sqlite>::new(head);
-        q.push(" WHERE id IN (");
-        let mut sep = q.separated(", ");
-        for d in deliveries {
-            sep.push_bind(d.tag.parse::<i64>().unwrap_or(-1));
-        }
-        q.push(")");
-        q.build().execute(&self.pool).await?;
-        Ok(())
+            .collect()
     }
 }
 
-/// The group-commit writer: one transaction for everything waiting, then answer everyone.
-async fn writer(
-    mut conn: SqliteConnection,
-    queue: String,
-    mut rx: mpsc::Receiver<Pending>,
-    published: Arc<Notify>,
-) {
-    let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = rx.recv().await {
-        let mut bytes = first.msg.body.len();
-        group.push(first);
-        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.msg.body.len();
-                    group.push(p);
-                }
-                Err(_) => break,
-            }
-        }
-        let result = insert_group(&mut conn, &queue, &group).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %e, messages = group.len(), "embedded queue commit failed");
-        }
-        let answer = result.map_err(|e| e.to_string());
-        for p in group.drain(..) {
-            // A publisher that gave up (client went away) no longer listens: nothing to do.
-            let _ = p.done.send(answer.clone());
-        }
-        published.notify_waiters();
+fn body_len(op: &Op) -> usize {
+    match op {
+        Op::Publish(m) => m.body.len(),
+        _ => 0,
     }
 }
 
-async fn insert_group(
-    conn: &mut SqliteConnection,
-    queue: &str,
-    group: &[Pending],
-) -> Result<(), sqlx::Error> {
-    let now = now_ms();
-    let mut tx = conn.begin().await?;
-    let mut q = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO queue_message (queue, task_id, task, body, visible_at, enqueued_at) ",
-    );
-    q.push_values(group, |mut b, p| {
-        b.push_bind(queue)
-            .push_bind(&p.msg.id)
-            .push_bind(&p.msg.task)
-            .push_bind(&p.msg.body)
-            .push_bind(now)
-            .push_bind(now);
-    });
-    q.build().execute(&mut *tx).await?;
-    tx.commit().await
+/// Runs `<head> WHERE id IN (<ids>)`.
+async fn by_ids(conn: &mut SqliteConnection, head: &str, ids: &[i64]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut q = QueryBuilder::<Sqlite>::new(head);
+    q.push(" WHERE id IN (");
+    let mut sep = q.separated(", ");
+    for id in ids {
+        sep.push_bind(*id);
+    }
+    q.push(")");
+    q.build().execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Tags are row ids; a tag that is not one (it cannot come from this backend) matches no row.
+fn ids(deliveries: &[Delivery]) -> Vec<i64> {
+    deliveries
+        .iter()
+        .map(|d| d.tag.parse::<i64>().unwrap_or(-1))
+        .collect()
 }
 
 fn now_ms() -> i64 {
@@ -232,26 +399,22 @@ fn now_ms() -> i64 {
 impl Broker for SqliteBroker {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
+        // try_send: when the writer is this far behind, shed load instead of queueing in memory.
         self.writer
-            .try_send(Pending {
-                msg: msg.clone(),
+            .try_send(Cmd {
+                op: Op::Publish(msg.clone()),
                 done,
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => {
                     QueueError::Overloaded("the embedded queue writer is saturated")
                 }
-                mpsc::error::TrySendError::Closed(_) => {
-                    QueueError::Unavailable("the embedded queue writer has stopped".into())
-                }
+                mpsc::error::TrySendError::Closed(_) => stopped(),
             })?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(QueueError::Unavailable(e)),
-            Err(_) => Err(QueueError::Unavailable(
-                "the embedded queue writer has stopped".into(),
-            )),
-        }
+        wait.await
+            .map_err(|_| stopped())?
+            .map(|_| ())
+            .map_err(QueueError::Unavailable)
     }
 
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
@@ -261,7 +424,10 @@ impl Broker for SqliteBroker {
             let notified = self.published.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = self.claim(max).await?;
+            let got = match self.call(Op::Claim { max }).await? {
+                Reply::Claimed(d) => d,
+                Reply::Done => Vec::new(),
+            };
             let now = tokio::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
@@ -271,30 +437,34 @@ impl Broker for SqliteBroker {
     }
 
     async fn ack(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
-        self.by_tags("DELETE FROM queue_message", deliveries).await
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        self.call(Op::Ack(ids(deliveries))).await.map(|_| ())
     }
 
     async fn retry(&self, deliveries: &[Delivery], delay: Duration) -> Result<(), QueueError> {
-        let at = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-        self.by_tags(
-            &format!("UPDATE queue_message SET visible_at = {at}"),
-            deliveries,
-        )
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let visible_at =
+            now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        self.call(Op::Retry {
+            ids: ids(deliveries),
+            visible_at,
+        })
         .await
+        .map(|_| ())
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
-        sqlx::query(
-            "UPDATE queue_message SET queue = ?1, reason = ?2, failed_at = ?3, visible_at = 0 \
-             WHERE id = ?4",
-        )
-        .bind(&self.dlq)
-        .bind(reason)
-        .bind(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true))
-        .bind(delivery.tag.parse::<i64>().unwrap_or(-1))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.call(Op::DeadLetter {
+            id: delivery.tag.parse::<i64>().unwrap_or(-1),
+            reason: reason.to_owned(),
+            attempts: delivery.attempts,
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
@@ -324,7 +494,7 @@ impl Broker for SqliteBroker {
 
     async fn dlq_replay(&self, id: Option<&str>) -> Result<u64, QueueError> {
         let base = "UPDATE queue_message SET queue = ?1, reason = NULL, failed_at = NULL, \
-                    attempts = 0, visible_at = 0 WHERE queue = ?2";
+                    attempts = 0 WHERE queue = ?2";
         let done = match id {
             Some(id) => {
                 let n = id
@@ -360,7 +530,7 @@ impl Broker for SqliteBroker {
         }
         let mut q = QueryBuilder::<Sqlite>::new("UPDATE queue_message SET queue = ");
         q.push_bind(&self.queue)
-            .push(", reason = NULL, failed_at = NULL, attempts = 0, visible_at = 0 WHERE queue = ")
+            .push(", reason = NULL, failed_at = NULL, attempts = 0 WHERE queue = ")
             .push_bind(&self.dlq)
             .push(" AND id IN (");
         let mut sep = q.separated(", ");
