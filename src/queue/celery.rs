@@ -44,11 +44,15 @@ impl TaskMessage {
 
     /// The message headers Celery's `as_task_v2` writes.
     pub fn headers(&self) -> Map<String, Value> {
-        let origin = format!(
-            "gen{}@{}",
-            std::process::id(),
-            gethostname::gethostname().to_string_lossy()
-        );
+        // Celery's `origin` names the producing process; computed once, not a syscall per message.
+        static ORIGIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let origin = ORIGIN.get_or_init(|| {
+            format!(
+                "gen{}@{}",
+                std::process::id(),
+                gethostname::gethostname().to_string_lossy()
+            )
+        });
         let headers = json!({
             "lang": "py",
             "task": self.task,
