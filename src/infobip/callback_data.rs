@@ -11,6 +11,11 @@ use serde_json::{Map, Number, Value};
 /// Deepest nesting the Python-literal parser follows before refusing the input.
 pub const MAX_DEPTH: usize = 64;
 
+/// serde_json (with its `raw_value` feature, which we enable) reads an object with this key as a
+/// raw value, so JSON holding it cannot be read back into a `Value`: its JSON form is refused
+/// already, and the fuzzer found the Python form slipping through. Treated as unreadable.
+const SERDE_RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
 /// Decodes a `callbackData` string as JSON, or failing that as a Python literal.
 ///
 /// Returns `None` when the text is neither: the caller keeps the raw string in the event's JSON.
@@ -132,6 +137,9 @@ impl PyParser<'_> {
                 Value::Null => "None".to_owned(),
                 _ => return None, // unhashable key: not a Python dict literal
             };
+            if key == SERDE_RAW_VALUE_TOKEN {
+                return None;
+            }
             if !self.eat(b':') {
                 return None;
             }
@@ -363,6 +371,20 @@ mod tests {
             "'\\u12'",
         ] {
             assert_eq!(decode(s), None, "{s:?}");
+        }
+    }
+
+    /// Found by the `callback_data` fuzz target: this Python dict decoded to JSON text that
+    /// serde_json could not read back.
+    #[test]
+    fn serde_raw_value_key_is_unreadable_in_both_forms() {
+        for text in [
+            r#"{"$serde_json::private::RawValue": True}"#,
+            r#"{'a': {"$serde_json::private::RawValue": 1}}"#,
+            r#"{"$serde_json::private::RawValue": true}"#,
+        ] {
+            assert_eq!(decode(text), None, "{text}");
+            assert!(read(text).is_none(), "{text}");
         }
     }
 
