@@ -4,7 +4,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailhook::infobip::callback_data;
+// The pure core compiled on its own (see normalize.rs).
+#[allow(dead_code)]
+#[path = "../../src/infobip/mod.rs"]
+mod infobip;
+
+use infobip::callback_data;
 use serde_json::Value;
 
 fuzz_target!(|text: &str| {
