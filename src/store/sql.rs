@@ -73,9 +73,29 @@ impl MySqlStore {
     }
 }
 
-/// PostgreSQL `jsonb` refuses `\u0000`; keep the rest of the document intact.
+/// PostgreSQL `jsonb` refuses the escape `\u0000`; it becomes `\ufffd`. Only real escapes are
+/// touched: in `\\u0000` (an escaped backslash, then text) nothing changes.
 fn pg_json(text: &str) -> String {
-    text.replace("\\u0000", "\\ufffd")
+    if !text.contains("\\u0000") {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let esc = &rest[i..];
+        if let Some(after) = esc.strip_prefix("\\u0000") {
+            out.push_str("\\ufffd");
+            rest = after;
+        } else {
+            // A backslash and the character it escapes, copied as they are.
+            let n = esc[1..].chars().next().map_or(1, |c| 1 + c.len_utf8());
+            out.push_str(&esc[..n]);
+            rest = &esc[n..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Arguments: the store, its sqlx database, migrations folder, the clause that skips a duplicate
@@ -195,3 +215,17 @@ sql_store!(
     " AS CHAR)",
     |s| s.to_owned()
 );
+
+#[cfg(test)]
+mod tests {
+    use super::pg_json;
+
+    #[test]
+    fn only_real_nul_escapes_are_replaced() {
+        assert_eq!(pg_json(r#"{"a":"x\u0000y"}"#), r#"{"a":"x\ufffdy"}"#);
+        assert_eq!(pg_json(r#"{"a":"x\\u0000y"}"#), r#"{"a":"x\\u0000y"}"#);
+        assert_eq!(pg_json(r#"{"a":"\\\u0000"}"#), r#"{"a":"\\\ufffd"}"#);
+        assert_eq!(pg_json(r#"{"a":"é\"\u0000"}"#), r#"{"a":"é\"\ufffd"}"#);
+        assert_eq!(pg_json("plain"), "plain");
+    }
+}
