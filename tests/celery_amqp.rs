@@ -13,7 +13,7 @@ use mailhook::queue::{self, BrokerConfig, TaskMessage};
 use mailhook::store::{self, Store};
 use serde_json::Value;
 
-use common::celery::{ensure_venv, send_task, PythonWorker, WorkerOpts};
+use common::celery::{ensure_venv, opened, post_many, send_task, PythonWorker, WorkerOpts};
 
 /// App settings: PostgreSQL database `pg`, RabbitMQ at `amqp`, on `queue`.
 fn amqp_common(pg: &str, amqp: &str, queue: &str) -> CommonArgs {
@@ -33,13 +33,6 @@ fn broker_cfg(amqp: &str, queue: &str, prefetch: u16) -> BrokerConfig {
         visibility_timeout: Duration::from_secs(30),
         prefetch,
     }
-}
-
-/// A tracking event that normalizes to exactly one row, distinct for each `n`.
-fn opened(tag: &str, n: usize) -> String {
-    format!(
-        r#"{{"notificationType":"OPENED","recipient":"r{n}@example.com","sendDateTime":1721161444325,"messageId":"{tag}-{n}","callbackData":"{{\"qj_contact_id\": {n}}}"}}"#
-    )
 }
 
 /// Messages still on the queue (ready, not unacked), read with a passive declare.
@@ -421,27 +414,7 @@ async fn shared_queue(python_declares_first: bool) {
     };
 
     let tag = format!("shared-{python_declares_first}");
-    let mut posts = tokio::task::JoinSet::new();
-    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
-        let client = app.client.clone();
-        let url = app.url("/email");
-        let bodies: Vec<String> = chunk.iter().map(|&n| opened(&tag, n)).collect();
-        posts.spawn(async move {
-            for b in bodies {
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(b)
-                    .send()
-                    .await
-                    .expect("sent");
-                assert_eq!(r.status(), 202);
-            }
-        });
-    }
-    while let Some(r) = posts.join_next().await {
-        r.expect("poster");
-    }
+    post_many(&app, &tag, N).await;
 
     let handled = |py: &PythonWorker, rows: i64| py.received().len() + rows as usize;
     let store = app.store.clone();
@@ -463,32 +436,7 @@ async fn shared_queue(python_declares_first: bool) {
     py.stop(Duration::from_secs(15)).await;
     app.stop().await;
 
-    let py_ids: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            l["payload"]["messageId"]
-                .as_str()
-                .expect("messageId")
-                .to_owned()
-        })
-        .collect();
-    let py_set: HashSet<&String> = py_ids.iter().collect();
-    assert_eq!(py_set.len(), py_ids.len(), "python handled none twice");
-    let rows = store.count().await.expect("count");
-    assert_eq!(
-        py_ids.len() + rows as usize,
-        N,
-        "handled exactly once in total"
-    );
-    for id in &py_ids {
-        assert!(
-            store.by_id_externo(id).await.expect("by id").is_empty(),
-            "{id} handled by both"
-        );
-    }
-    assert!(!py_ids.is_empty(), "the Python worker took part");
-    assert!(rows > 0, "the mailhook worker took part");
-    eprintln!("python handled {}, mailhook stored {rows}", py_ids.len());
+    common::celery::assert_shared_exactly_once(&lines, &store, &tag, N).await;
     cleanup(&amqp, &queue).await;
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::celery::{self as py, PythonWorker, WorkerOpts};
+use common::celery::{self as py, opened, post_many, PythonWorker, WorkerOpts};
 use mailhook::config::{CommonArgs, ServeArgs};
 use mailhook::queue::celery::DEFAULT_TASK;
 use mailhook::queue::{self, Broker, BrokerConfig, TaskMessage};
@@ -60,13 +60,6 @@ fn broker_cfg(redis: &str, queue: &str, visibility: Duration) -> BrokerConfig {
     }
 }
 
-/// A tracking event that normalizes to exactly one row, distinct for each `n`.
-fn opened(tag: &str, n: usize) -> String {
-    format!(
-        r#"{{"notificationType":"OPENED","recipient":"r{n}@example.com","sendDateTime":1721161444325,"messageId":"{tag}-{n}","callbackData":"{{\"qj_contact_id\": {n}}}"}}"#
-    )
-}
-
 async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("redis url")
@@ -93,31 +86,6 @@ async fn cleanup(url: &str, queue: &str) {
         .arg(format!("_kombu.binding_permanent.{queue}"))
         .query_async(&mut redis_conn(url).await)
         .await;
-}
-
-/// Posts `n` distinct callbacks through the API, 10 clients at once.
-async fn post_many(app: &common::TestApp, tag: &str, n: usize) {
-    let mut posts = tokio::task::JoinSet::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(n.div_ceil(10).max(1)) {
-        let client = app.client.clone();
-        let url = app.url("/email");
-        let bodies: Vec<String> = chunk.iter().map(|&i| opened(tag, i)).collect();
-        posts.spawn(async move {
-            for b in bodies {
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(b)
-                    .send()
-                    .await
-                    .expect("sent");
-                assert_eq!(r.status(), 202);
-            }
-        });
-    }
-    while let Some(r) = posts.join_next().await {
-        r.expect("poster");
-    }
 }
 
 /// The harness itself: Python's producer reaches Python's worker on a fresh queue.
@@ -302,42 +270,7 @@ async fn python_and_mailhook_workers_share_the_queue() {
     py.stop(Duration::from_secs(15)).await;
     app.stop().await;
 
-    let py_ids: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            l["payload"]["messageId"]
-                .as_str()
-                .expect("messageId")
-                .to_owned()
-        })
-        .collect();
-    let py_set: HashSet<&String> = py_ids.iter().collect();
-    assert_eq!(py_set.len(), py_ids.len(), "python handled none twice");
-    let rows = store.count().await.expect("count");
-    assert_eq!(
-        py_ids.len() + rows as usize,
-        N,
-        "handled exactly once in total"
-    );
-    for id in &py_ids {
-        assert!(
-            store.by_id_externo(id).await.expect("by id").is_empty(),
-            "{id} handled by both"
-        );
-    }
-    for n in 0..N {
-        let id = format!("shared-{n}");
-        if !py_set.contains(&id) {
-            assert_eq!(
-                store.by_id_externo(&id).await.expect("by id").len(),
-                1,
-                "{id} stored once"
-            );
-        }
-    }
-    assert!(!py_ids.is_empty(), "the Python worker took part");
-    assert!(rows > 0, "the mailhook worker took part");
-    eprintln!("python handled {}, mailhook stored {rows}", py_ids.len());
+    py::assert_shared_exactly_once(&lines, &store, "shared", N).await;
     cleanup(&redis, &queue).await;
 }
 

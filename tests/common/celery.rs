@@ -305,3 +305,78 @@ pub fn send_task(
     assert_eq!(ids.len(), payloads.len(), "one task id per payload");
     ids
 }
+
+/// An OPENED tracking event with `messageId` `<tag>-<n>` and `qj_contact_id` `n`.
+pub fn opened(tag: &str, n: usize) -> String {
+    format!(
+        r#"{{"notificationType":"OPENED","recipient":"r{n}@example.com","sendDateTime":1721161444325,"messageId":"{tag}-{n}","callbackData":"{{\"qj_contact_id\": {n}}}"}}"#
+    )
+}
+
+/// POSTs `opened(tag, 0..n)` to the app from ten concurrent clients; each must get 202.
+pub async fn post_many(app: &super::TestApp, tag: &str, n: usize) {
+    let mut posts = tokio::task::JoinSet::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(n.div_ceil(10).max(1)) {
+        let client = app.client.clone();
+        let url = app.url("/email");
+        let bodies: Vec<String> = chunk.iter().map(|&i| opened(tag, i)).collect();
+        posts.spawn(async move {
+            for b in bodies {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(b)
+                    .send()
+                    .await
+                    .expect("sent");
+                assert_eq!(r.status(), 202);
+            }
+        });
+    }
+    while let Some(r) = posts.join_next().await {
+        r.expect("poster");
+    }
+}
+
+/// Checks that every one of `n` callbacks (`opened(tag, 0..n)`) sent to a queue shared by a
+/// Python worker (its output `lines`) and a mailhook worker (rows in `store`) was handled exactly
+/// once in total, and that both took part. Returns the ids the Python worker handled.
+pub async fn assert_shared_exactly_once(
+    lines: &[serde_json::Value],
+    store: &std::sync::Arc<dyn mailhook::store::Store>,
+    tag: &str,
+    n: usize,
+) -> Vec<String> {
+    let py_ids: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            l["payload"]["messageId"]
+                .as_str()
+                .expect("messageId")
+                .to_owned()
+        })
+        .collect();
+    let py_set: std::collections::HashSet<&String> = py_ids.iter().collect();
+    assert_eq!(py_set.len(), py_ids.len(), "python handled none twice");
+    let rows = store.count().await.expect("count");
+    assert_eq!(
+        py_ids.len() + rows as usize,
+        n,
+        "handled exactly once in total"
+    );
+    for i in 0..n {
+        let id = format!("{tag}-{i}");
+        let stored = store.by_id_externo(&id).await.expect("by id").len();
+        let expected = usize::from(!py_set.contains(&id));
+        assert_eq!(
+            stored,
+            expected,
+            "{id}: stored {stored}, handled by python: {}",
+            expected == 0
+        );
+    }
+    assert!(!py_ids.is_empty(), "the Python worker took part");
+    assert!(rows > 0, "the mailhook worker took part");
+    eprintln!("python handled {}, mailhook stored {rows}", py_ids.len());
+    py_ids
+}
