@@ -208,13 +208,21 @@ pub const PG_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Creates a fresh, uniquely named PostgreSQL database and returns its URL; `None` (skip) when
 /// PostgreSQL is absent outside CI.
 pub async fn pg_database() -> Option<String> {
-    use sqlx::Connection;
-    let admin = require_service("PostgreSQL", "MAILHOOK_TEST_POSTGRES", PG_DEFAULT).await?;
+    fresh_database::<sqlx::PgConnection>("PostgreSQL", "MAILHOOK_TEST_POSTGRES", PG_DEFAULT).await
+}
+
+/// Creates `mailhook_test_<uuid>` on the server behind `env` (or `default`) and returns its URL.
+async fn fresh_database<C>(service: &str, env: &str, default: &str) -> Option<String>
+where
+    C: sqlx::Connection,
+    for<'c> &'c mut C: sqlx::Executor<'c>,
+{
+    let admin = require_service(service, env, default).await?;
     let name = format!("mailhook_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&admin)
+    let mut conn = C::connect(&admin)
         .await
-        .expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .unwrap_or_else(|e| panic!("connect to {service}: {e}"));
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await
         .expect("create test database");
@@ -250,16 +258,5 @@ pub const MYSQL_DEFAULT: &str = "mysql://root@127.0.0.1:3306/test";
 /// Creates a fresh MySQL/MariaDB database and returns its URL; `None` (skip) when the server is
 /// absent outside CI.
 pub async fn mysql_database() -> Option<String> {
-    use sqlx::Connection;
-    let admin = require_service("MariaDB", "MAILHOOK_TEST_MYSQL", MYSQL_DEFAULT).await?;
-    let name = format!("mailhook_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::MySqlConnection::connect(&admin)
-        .await
-        .expect("connect to MariaDB");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-    Some(format!("{base}/{name}"))
+    fresh_database::<sqlx::MySqlConnection>("MariaDB", "MAILHOOK_TEST_MYSQL", MYSQL_DEFAULT).await
 }
