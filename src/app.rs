@@ -79,6 +79,7 @@ impl App {
             task_name: common.task_name.as_str().into(),
             queue: common.queue.as_str().into(),
             body_limit: args.body_limit,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(args.max_in_flight.max(1))),
         };
         let auth = http::auth::Auth::from_args(&args);
         auth.warn_if_exposed(args.bind);

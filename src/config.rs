@@ -139,6 +139,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MAILHOOK_REQUEST_TIMEOUT", default_value_t = 30)]
     pub request_timeout: u64,
 
+    /// Callbacks handled at once; beyond this, 503 with Retry-After instead of buffering more
+    /// bodies (memory stays under about this times the body limit when the queue is slow).
+    #[arg(long, env = "MAILHOOK_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+
     /// Accepted HTTP Basic credentials, `USER:PASSWORD`; repeat the flag (or comma-separate) to
     /// accept several pairs while rotating. With --auth-header too, either one is enough.
     #[arg(

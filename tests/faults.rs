@@ -36,6 +36,7 @@ async fn full_queue_disk_answers_503_then_recovers() {
         task_name: mailhook::queue::celery::DEFAULT_TASK.into(),
         queue: "email-webhook".into(),
         body_limit: 1 << 20,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(64)),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -63,3 +63,35 @@ async fn unknown_routes_and_methods_get_json_errors() {
     assert_eq!(e["kind"], "method_not_allowed");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn callbacks_beyond_the_in_flight_limit_get_503_not_memory() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut args = serve_args();
+    args.max_in_flight = 1;
+    let app = spawn_with(sqlite_common(dir.path()), args).await;
+    // One sender holds the only permit with a body that never finishes.
+    let mut stalled = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"POST /email HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{")
+        .await
+        .expect("write");
+    let r = eventually("a shed request", Duration::from_secs(10), || async {
+        let r = app.post(example("opened")).await;
+        (r.status() == 503).then_some(r)
+    })
+    .await;
+    assert!(r.headers().contains_key("retry-after"));
+    let err: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(err["kind"], "overloaded");
+    // The permit comes back when the stalled request goes away.
+    drop(stalled);
+    eventually("accepted again", Duration::from_secs(10), || async {
+        (app.post(example("opened")).await.status() == 202).then_some(())
+    })
+    .await;
+    wait_for_rows(&app.store, 1).await;
+    app.stop().await;
+}

@@ -31,6 +31,8 @@ pub struct AppState {
     pub queue: Arc<str>,
     /// Largest accepted body, in bytes.
     pub body_limit: usize,
+    /// Permits for callbacks in flight: when none is left, shed load (503) rather than queue.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the router with no authentication (anyone may post): for tests and embedding.
@@ -44,7 +46,9 @@ pub fn authenticated_router(state: AppState, request_timeout: Duration, auth: Ar
     // The auth middleware wraps the handler only, and the handler is what reads the body (the
     // layers outside it read nothing): a refused request is answered from its headers alone,
     // so an unauthenticated sender cannot make us buffer up to `body_limit`.
-    let email = post(email::receive).route_layer(from_fn_with_state(auth, auth::require));
+    let email = post(email::receive)
+        .route_layer(from_fn_with_state(auth, auth::require))
+        .route_layer(from_fn_with_state(state.in_flight.clone(), shed_load));
     Router::new()
         .route("/email", email)
         .route("/health", get(health::health))
@@ -58,6 +62,22 @@ pub fn authenticated_router(state: AppState, request_timeout: Duration, auth: Ar
         .layer(axum::middleware::map_response(json_timeout))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Holds one in-flight permit for the whole request, or answers 503 at once when there is none:
+/// a slow queue then costs a bounded number of buffered bodies, not unbounded memory.
+async fn shed_load(
+    axum::extract::State(permits): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match permits.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => error::ApiError::from(crate::queue::QueueError::Overloaded(
+            "too many callbacks in flight",
+        ))
+        .into_response(),
+    }
 }
 
 /// The timeout layer answers with an empty 408; give it the same JSON error body as the rest.

@@ -105,6 +105,7 @@ pub fn serve_args() -> ServeArgs {
         no_worker: false,
         body_limit: 16 * 1024 * 1024,
         request_timeout: 30,
+        max_in_flight: 1024,
         basic_auth: Vec::new(),
         auth_header: None,
         auth_secret: Vec::new(),
