@@ -263,3 +263,75 @@ async fn shutdown_deadline_bounds_a_stalled_request() {
     );
     drop(s);
 }
+
+/// `kill -9` of an API node on a real broker under load: every callback that got a 202 is on
+/// the queue (the broker confirmed it first), and a worker then stores each exactly once.
+async fn kill_9_of_an_api_node_on(broker_url: String) {
+    let Some(pg) = pg_database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let queue = unique_queue("crash-api");
+    let client = reqwest::Client::new();
+    let port = free_port();
+    let child = Command::new(binary())
+        .args(["serve", "--no-worker"])
+        .current_dir(dir.path())
+        .env("BROKER_URL", &broker_url)
+        .env("MAILHOOK_QUEUE", &queue)
+        .env("MAILHOOK_BIND", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mailhook");
+    let api = Proc { child, port };
+    wait_healthy(&client, port).await;
+    let (accepted, stop) = load(port, 32, "api9");
+    wait_accepted(300, &accepted).await;
+    drop(api); // SIGKILL with publishes in flight
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let accepted = accepted.lock().expect("lock").clone();
+
+    let cfg = mailhook::queue::BrokerConfig {
+        url: broker_url,
+        queue,
+        visibility_timeout: Duration::from_secs(3600),
+        prefetch: 256,
+    };
+    let broker = mailhook::queue::connect(&cfg).await.expect("broker");
+    let s = store::connect(&pg, 2).await.expect("store");
+    s.migrate().await.expect("migrate");
+    let halt = tokio_util::sync::CancellationToken::new();
+    let worker = mailhook::worker::Worker::new(broker, s.clone(), Default::default());
+    let handle = tokio::spawn(worker.run(halt.clone()));
+    eventually(
+        "every accepted callback stored",
+        Duration::from_secs(60),
+        || async {
+            for id in &accepted {
+                if s.by_id_externo(id).await.ok()?.len() != 1 {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    halt.cancel();
+    handle.await.expect("worker");
+    assert!(s.count().await.expect("count") >= accepted.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_an_api_node_on_redis_loses_nothing() {
+    let Some(url) = redis_url().await else { return };
+    kill_9_of_an_api_node_on(url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_an_api_node_on_rabbitmq_loses_nothing() {
+    let Some(url) = amqp_url().await else { return };
+    kill_9_of_an_api_node_on(url).await;
+}
