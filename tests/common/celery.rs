@@ -43,9 +43,7 @@ pub fn ensure_venv() -> Option<PathBuf> {
     }
 }
 
-// `File::lock` is stable since Rust 1.89, later than the crate's `rust-version`: only the tests
-// use it, and they need a real cross-process lock (two test binaries may build the venv at once).
-#[allow(clippy::incompatible_msrv)]
+// A real cross-process lock (`File::lock`): two test binaries may build the venv at once.
 fn build_venv() -> Result<PathBuf, String> {
     let venv = venv_dir();
     let reqs = celery_dir().join("requirements.txt");
