@@ -59,7 +59,7 @@ async fn unprocessable_messages_are_dead_lettered_and_replayable() {
     let good = example("opened");
     let unknown = TaskMessage::for_payload("someone.elses_task", good.as_bytes(), Utc::now());
     let mut garbage = TaskMessage::for_payload(queue::celery::DEFAULT_TASK, b"{}", Utc::now());
-    garbage.body = b"not json at all".to_vec();
+    garbage.body = b"not json at all".to_vec().into();
     let not_callback =
         TaskMessage::for_payload(queue::celery::DEFAULT_TASK, b"{\"a\":1}", Utc::now());
     let fine = TaskMessage::for_payload(queue::celery::DEFAULT_TASK, good.as_bytes(), Utc::now());

@@ -18,8 +18,9 @@ pub struct TaskMessage {
     pub id: String,
     /// Task name, e.g. `mailhook.process_email_callback`.
     pub task: String,
-    /// The JSON body `[args, kwargs, embed]`.
-    pub body: Vec<u8>,
+    /// The JSON body `[args, kwargs, embed]`; shared, not copied, when a backend keeps the
+    /// message (the SQLite writer holds it until its group commits).
+    pub body: bytes::Bytes,
 }
 
 impl TaskMessage {
@@ -38,7 +39,7 @@ impl TaskMessage {
         TaskMessage {
             id: uuid::Uuid::new_v4().to_string(),
             task: task.to_owned(),
-            body,
+            body: body.into(),
         }
     }
 

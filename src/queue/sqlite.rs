@@ -258,7 +258,7 @@ impl Writer {
                 b.push_bind(&self.queue)
                     .push_bind(&m.id)
                     .push_bind(&m.task)
-                    .push_bind(&m.body)
+                    .push_bind(m.body.as_ref())
                     .push_bind(now);
             });
             q.build().execute(&mut self.conn).await?;
