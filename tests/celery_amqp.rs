@@ -75,6 +75,15 @@ async fn cleanup(amqp: &str, queue: &str) {
     let _ = conn.close(200, "test done").await;
 }
 
+/// RabbitMQ, a fresh PostgreSQL database and the Celery venv, or `None` to skip (outside CI).
+async fn amqp_pg_python() -> Option<(String, String, std::path::PathBuf)> {
+    Some((
+        common::amqp_url().await?,
+        common::pg_database().await?,
+        ensure_venv()?,
+    ))
+}
+
 /// A consumer that dies holding a batch unacked, after storing part of it, loses nothing and
 /// doubles nothing: RabbitMQ redelivers the batch to the next worker and the dedupe key absorbs
 /// the rows already stored.
@@ -346,13 +355,9 @@ async fn python_worker_receives_what_the_api_publishes() {
 /// PostgreSQL.
 #[tokio::test]
 async fn mailhook_worker_stores_what_python_sends() {
-    let Some(amqp) = common::amqp_url().await else {
+    let Some((amqp, pg, venv)) = amqp_pg_python().await else {
         return;
     };
-    let Some(pg) = common::pg_database().await else {
-        return;
-    };
-    let Some(venv) = ensure_venv() else { return };
     let queue = common::unique_queue("amqp-py-produces");
     let app = common::spawn_with(amqp_common(&pg, &amqp, &queue), common::serve_args()).await;
 
@@ -388,13 +393,9 @@ async fn mailhook_worker_stores_what_python_sends() {
 /// A Python worker and a mailhook worker consume one queue at once; ~200 callbacks through the
 /// API are each handled exactly once in total (Python's lines plus PostgreSQL rows).
 async fn shared_queue(python_declares_first: bool) {
-    let Some(amqp) = common::amqp_url().await else {
+    let Some((amqp, pg, venv)) = amqp_pg_python().await else {
         return;
     };
-    let Some(pg) = common::pg_database().await else {
-        return;
-    };
-    let Some(venv) = ensure_venv() else { return };
     let queue = common::unique_queue("amqp-shared");
     const N: usize = 200;
 

@@ -167,17 +167,20 @@ async fn python_worker_receives_what_the_api_publishes() {
     cleanup(&redis, &queue).await;
 }
 
+/// Redis, a fresh PostgreSQL database and the Celery venv, or `None` to skip (outside CI).
+async fn redis_pg_python() -> Option<(String, String, std::path::PathBuf)> {
+    Some((
+        common::redis_url().await?,
+        common::pg_database().await?,
+        py::ensure_venv()?,
+    ))
+}
+
 /// Python's `send_task(..., queue=...)` for each example; mailhook's worker stores the rows in
 /// PostgreSQL, as the pure normalizer says they should be.
 #[tokio::test]
 async fn mailhook_worker_stores_what_python_sends() {
-    let Some(redis) = common::redis_url().await else {
-        return;
-    };
-    let Some(pg) = common::pg_database().await else {
-        return;
-    };
-    let Some(venv) = py::ensure_venv() else {
+    let Some((redis, pg, venv)) = redis_pg_python().await else {
         return;
     };
     let queue = common::unique_queue("redis-py-produces");
@@ -233,13 +236,7 @@ async fn mailhook_worker_stores_what_python_sends() {
 /// API are each handled exactly once in total (Python's lines plus PostgreSQL rows).
 #[tokio::test]
 async fn python_and_mailhook_workers_share_the_queue() {
-    let Some(redis) = common::redis_url().await else {
-        return;
-    };
-    let Some(pg) = common::pg_database().await else {
-        return;
-    };
-    let Some(venv) = py::ensure_venv() else {
+    let Some((redis, pg, venv)) = redis_pg_python().await else {
         return;
     };
     let queue = common::unique_queue("redis-shared");
@@ -396,13 +393,7 @@ async fn python_worker_restores_what_a_dead_mailhook_consumer_held() {
 /// mailhook's restore puts it back and mailhook's worker stores it.
 #[tokio::test]
 async fn mailhook_restores_what_a_killed_python_worker_held() {
-    let Some(redis) = common::redis_url().await else {
-        return;
-    };
-    let Some(pg) = common::pg_database().await else {
-        return;
-    };
-    let Some(venv) = py::ensure_venv() else {
+    let Some((redis, pg, venv)) = redis_pg_python().await else {
         return;
     };
     let redis = with_db(&redis, 4);
