@@ -8,6 +8,7 @@ use chrono::Utc;
 use mailhook::infobip::normalize;
 use mailhook::store::{self, Store};
 use serde_json::Value;
+use sqlx::Connection;
 
 fn rows_of(name: &str) -> Vec<mailhook::infobip::NewCallback> {
     let payload: Value = serde_json::from_str(&common::example(name)).expect("json");
@@ -105,8 +106,66 @@ pub async fn awkward_text(s: Arc<dyn Store>) {
         .is_some_and(|c| c.contains('🎁')));
 }
 
+/// The row that [`old_schema`] writes before upgrading: an event as normalize makes it.
+fn old_row() -> mailhook::infobip::NewCallback {
+    rows_of("opened").remove(0)
+}
+
+/// Copies the first migration of `db`'s folder alone, to build the table as 0.1 shipped it.
+fn first_migration(db: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(db);
+    std::fs::copy(
+        src.join("0001_email_callback.sql"),
+        dir.path().join("0001_email_callback.sql"),
+    )
+    .expect("copy migration");
+    dir
+}
+
+/// SQL inserting [`old_row`] into the first schema, with literals every database reads.
+fn old_insert() -> String {
+    let r = old_row();
+    format!(
+        "INSERT INTO email_callback (status, data_recebimento, id_externo, raw, dedupe_key) \
+         VALUES ('{}', '2024-01-01 00:00:00', '{}', '{{}}', '{}')",
+        r.status, r.id_externo, r.dedupe_key
+    )
+}
+
+/// A table created and filled by the first migration keeps its rows through the later ones,
+/// and still refuses their duplicates. `exact` as in [`insert_is_idempotent`].
+pub async fn upgrade_keeps_rows(s: Arc<dyn Store>, exact: bool) {
+    s.migrate().await.expect("upgrade");
+    assert_eq!(s.count().await.expect("count"), 1);
+    let r = old_row();
+    let inserted = s.insert_batch(std::slice::from_ref(&r)).await.expect("insert");
+    assert_eq!(
+        s.count().await.expect("count"),
+        1,
+        "the duplicate was refused"
+    );
+    if exact {
+        assert_eq!(inserted, 0);
+    }
+    let got = s.by_id_externo(&r.id_externo).await.expect("read");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].dedupe_key, r.dedupe_key);
+    let mut other = r.clone();
+    other.dedupe_key = "another event".to_owned();
+    s.insert_batch(&[other]).await.expect("insert");
+    assert_eq!(s.count().await.expect("count"), 2);
+}
+
 macro_rules! store_suite {
-    ($make:path, $exact:expr) => {
+    ($make:path, $make_old:path, $exact:expr) => {
+        #[tokio::test]
+        async fn upgrade_keeps_rows() {
+            let Some(s) = $make_old().await else { return };
+            super::upgrade_keeps_rows(s, $exact).await;
+        }
         #[tokio::test]
         async fn examples_round_trip() {
             let Some(s) = $make().await else { return };
@@ -142,7 +201,27 @@ mod sqlite {
         Some(s)
     }
 
-    store_suite!(make, true);
+    async fn make_old() -> Option<Arc<dyn Store>> {
+        let dir = Box::leak(Box::new(tempfile::tempdir().expect("dir")));
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let opts = mailhook::queue::sqlite::connect_options(&url).expect("url");
+        let mut conn = sqlx::SqliteConnection::connect_with(&opts)
+            .await
+            .expect("sqlite");
+        let old = first_migration("sqlite");
+        let m = sqlx::migrate::Migrator::new(old.path())
+            .await
+            .expect("read");
+        m.run(&mut conn).await.expect("old migrate");
+        sqlx::raw_sql(&old_insert())
+            .execute(&mut conn)
+            .await
+            .expect("old insert");
+        conn.close().await.expect("close");
+        Some(store::connect(&url, 2).await.expect("sqlite"))
+    }
+
+    store_suite!(make, make_old, true);
 }
 
 mod postgres {
@@ -155,7 +234,23 @@ mod postgres {
         Some(s)
     }
 
-    store_suite!(make, true);
+    async fn make_old() -> Option<Arc<dyn Store>> {
+        let url = common::pg_database().await?;
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("postgres");
+        let old = first_migration("postgres");
+        let m = sqlx::migrate::Migrator::new(old.path())
+            .await
+            .expect("read");
+        m.run(&mut conn).await.expect("old migrate");
+        sqlx::raw_sql(&old_insert())
+            .execute(&mut conn)
+            .await
+            .expect("old insert");
+        conn.close().await.expect("close");
+        Some(store::connect(&url, 2).await.expect("postgres"))
+    }
+
+    store_suite!(make, make_old, true);
 }
 
 mod mysql {
@@ -168,5 +263,21 @@ mod mysql {
         Some(s)
     }
 
-    store_suite!(make, false);
+    async fn make_old() -> Option<Arc<dyn Store>> {
+        let url = common::mysql_database().await?;
+        let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("mysql");
+        let old = first_migration("mysql");
+        let m = sqlx::migrate::Migrator::new(old.path())
+            .await
+            .expect("read");
+        m.run(&mut conn).await.expect("old migrate");
+        sqlx::raw_sql(&old_insert())
+            .execute(&mut conn)
+            .await
+            .expect("old insert");
+        conn.close().await.expect("close");
+        Some(store::connect(&url, 2).await.expect("mysql"))
+    }
+
+    store_suite!(make, make_old, false);
 }
