@@ -25,6 +25,7 @@ macro_rules! columns {
 /// `email_callback` in a SQLite file (WAL, `synchronous=FULL`).
 pub struct SqliteStore {
     pool: SqlitePool,
+    _checkpointer: crate::queue::sqlite::Checkpointer,
 }
 
 impl SqliteStore {
@@ -33,9 +34,13 @@ impl SqliteStore {
         let opts = crate::queue::sqlite::connect_options(url)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
-        Ok(SqliteStore { pool })
+        let checkpointer = crate::queue::sqlite::Checkpointer::start(&opts).await?;
+        Ok(SqliteStore {
+            pool,
+            _checkpointer: checkpointer,
+        })
     }
 }
 
