@@ -8,7 +8,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
@@ -22,7 +23,7 @@ const LOGGED_IDS: usize = 5;
 pub async fn receive(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Queued>), ApiError> {
     let received_at = Utc::now();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit))?;
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -58,11 +59,20 @@ pub async fn receive(
     tracing::debug!(task_id = %msg.id, payload = %String::from_utf8_lossy(&body), "callback payload");
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "status": "queued",
-            "task_id": msg.id,
-            "events": callback.events.len(),
-            "queue": state.queue,
-        })),
+        Json(Queued {
+            status: "queued",
+            events: callback.events.len(),
+            task_id: msg.id,
+            queue: state.queue.clone(),
+        }),
     ))
+}
+
+/// The 202 body: `{"status": "queued", "task_id": ..., "events": n, "queue": ...}`.
+#[derive(Debug, Serialize)]
+pub struct Queued {
+    status: &'static str,
+    task_id: String,
+    events: usize,
+    queue: std::sync::Arc<str>,
 }

@@ -5,7 +5,8 @@
 //! never re-serialized on the accept path.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 use thiserror::Error;
 
 /// Default Celery task name for a callback.
@@ -44,7 +45,7 @@ impl TaskMessage {
     }
 
     /// The message headers Celery's `as_task_v2` writes.
-    pub fn headers(&self) -> Map<String, Value> {
+    pub fn celery_headers(&self) -> Headers<'_> {
         // Celery's `origin` names the producing process; computed once, not a syscall per message.
         static ORIGIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let origin = ORIGIN.get_or_init(|| {
@@ -54,32 +55,61 @@ impl TaskMessage {
                 gethostname::gethostname().to_string_lossy()
             )
         });
-        let headers = json!({
-            "lang": "py",
-            "task": self.task,
-            "id": self.id,
-            "shadow": null,
-            "eta": null,
-            "expires": null,
-            "group": null,
-            "group_index": null,
-            "retries": 0,
-            "timelimit": [null, null],
-            "root_id": self.id,
-            "parent_id": null,
-            "argsrepr": format!("[<payload of {} bytes>]", self.body.len()),
-            "kwargsrepr": "{}",
-            "origin": origin,
-            "ignore_result": false,
-            "replaced_task_nesting": 0,
-            "stamped_headers": null,
-            "stamps": {},
-        });
-        match headers {
-            Value::Object(m) => m,
+        Headers {
+            lang: "py",
+            task: &self.task,
+            id: &self.id,
+            shadow: None,
+            eta: None,
+            expires: None,
+            group: None,
+            group_index: None,
+            retries: 0,
+            timelimit: [None, None],
+            root_id: &self.id,
+            parent_id: None,
+            argsrepr: format!("[<payload of {} bytes>]", self.body.len()),
+            kwargsrepr: "{}",
+            origin,
+            ignore_result: false,
+            replaced_task_nesting: 0,
+            stamped_headers: None,
+            stamps: Map::new(),
+        }
+    }
+
+    /// [`Self::celery_headers`] as a JSON map (AMQP turns it into a field table).
+    pub fn headers(&self) -> Map<String, Value> {
+        match serde_json::to_value(self.celery_headers()) {
+            Ok(Value::Object(m)) => m,
             _ => Map::new(),
         }
     }
+}
+
+/// Celery's protocol-v2 message headers, serialized straight from borrowed fields: on the
+/// Redis accept path, building them as a `json!` tree cost a fifth of the API's CPU.
+#[derive(Debug, Serialize)]
+pub struct Headers<'a> {
+    lang: &'static str,
+    task: &'a str,
+    id: &'a str,
+    shadow: Option<&'a str>,
+    eta: Option<&'a str>,
+    expires: Option<&'a str>,
+    group: Option<&'a str>,
+    group_index: Option<u32>,
+    retries: u32,
+    timelimit: [Option<f64>; 2],
+    root_id: &'a str,
+    parent_id: Option<&'a str>,
+    argsrepr: String,
+    kwargsrepr: &'static str,
+    origin: &'a str,
+    ignore_result: bool,
+    replaced_task_nesting: u32,
+    stamped_headers: Option<Vec<String>>,
+    stamps: Map<String, Value>,
 }
 
 /// Why a task body cannot be read as a callback task.
@@ -133,6 +163,7 @@ pub fn decode_body(body: &[u8]) -> Result<TaskArgs, BodyError> {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use serde_json::json;
 
     #[test]
     fn body_round_trips_and_matches_celery_shape() {

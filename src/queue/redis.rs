@@ -51,6 +51,36 @@ const MAX_FETCH_BYTES: usize = 16 << 20;
 /// Dead letters read per `LRANGE` when replaying.
 const DLQ_CHUNK: isize = 500;
 
+/// kombu's Redis message envelope, serialized from borrowed fields (no `json!` tree per publish).
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    body: String,
+    #[serde(rename = "content-encoding")]
+    content_encoding: &'static str,
+    #[serde(rename = "content-type")]
+    content_type: &'static str,
+    headers: super::celery::Headers<'a>,
+    properties: Properties<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Properties<'a> {
+    correlation_id: &'a str,
+    reply_to: &'static str,
+    delivery_mode: u8,
+    // Without delivery_info a Python worker fails with KeyError('exchange').
+    delivery_info: DeliveryInfo<'a>,
+    priority: u8,
+    body_encoding: &'static str,
+    delivery_tag: String,
+}
+
+#[derive(serde::Serialize)]
+struct DeliveryInfo<'a> {
+    exchange: &'static str,
+    routing_key: &'a str,
+}
+
 /// Pops up to ARGV[1] envelopes (and about ARGV[4] bytes: at least one) from KEYS[1] and
 /// records each as unacked, atomically. Returns `[tag, envelope, tag, envelope, ...]`.
 const FETCH: &str = r#"
@@ -221,24 +251,26 @@ impl RedisBroker {
     }
 
     /// The kombu envelope for `msg`, as `kombu.transport.virtual.Channel.basic_publish` writes it.
-    fn envelope(&self, msg: &TaskMessage) -> String {
-        json!({
-            "body": base64::engine::general_purpose::STANDARD.encode(&msg.body),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": msg.headers(),
-            "properties": {
-                "correlation_id": msg.id,
-                "reply_to": "",
-                "delivery_mode": 2,
-                // Without delivery_info a Python worker fails with KeyError('exchange').
-                "delivery_info": {"exchange": "", "routing_key": self.queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": uuid::Uuid::new_v4().to_string(),
+    fn envelope(&self, msg: &TaskMessage) -> Result<String, QueueError> {
+        let env = Envelope {
+            body: base64::engine::general_purpose::STANDARD.encode(&msg.body),
+            content_encoding: "utf-8",
+            content_type: "application/json",
+            headers: msg.celery_headers(),
+            properties: Properties {
+                correlation_id: &msg.id,
+                reply_to: "",
+                delivery_mode: 2,
+                delivery_info: DeliveryInfo {
+                    exchange: "",
+                    routing_key: &self.queue,
+                },
+                priority: 0,
+                body_encoding: "base64",
+                delivery_tag: uuid::Uuid::new_v4().to_string(),
             },
-        })
-        .to_string()
+        };
+        serde_json::to_string(&env).map_err(|e| QueueError::Unavailable(e.to_string()))
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -527,9 +559,10 @@ impl Broker for RedisBroker {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
         // Redis has the message once LPUSH has answered (fsync depends on its appendonly
         // setting, as for Celery itself).
+        let envelope = self.envelope(msg)?;
         let _: i64 = self
             .conn()
-            .lpush(&self.queue, self.envelope(msg))
+            .lpush(&self.queue, envelope)
             .await
             .map_err(unavailable)?;
         Ok(())
