@@ -183,7 +183,7 @@ impl Worker {
         }
         let args = celery::decode_body(&d.body).map_err(|e| e.to_string())?;
         let received = args.received_at.unwrap_or_else(Utc::now);
-        infobip::normalize(&args.payload, received).map_err(|e| format!("payload rejected: {e}"))
+        infobip::normalize(args.payload, received).map_err(|e| format!("payload rejected: {e}"))
     }
 
     /// Exponential backoff with full jitter in the upper half: `base * 2^(n-1)`, capped.

@@ -9,18 +9,19 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 #[path = "../../src/infobip/mod.rs"]
 mod infobip;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(payload) = serde_json::from_slice::<Value>(data) else {
+    let Ok(payload) = serde_json::from_slice::<&RawValue>(data) else {
         return;
     };
     let received_at = Utc
         .timestamp_opt(1_721_161_444, 0)
         .single()
         .expect("a fixed, valid instant");
-    let parsed = infobip::parse(&payload);
-    let rows = infobip::normalize(&payload, received_at);
+    let parsed = infobip::parse(payload);
+    let rows = infobip::normalize(payload, received_at);
     match (parsed, rows) {
         (Ok(cb), Ok(rows)) => {
             assert_eq!(cb.events.len(), rows.len(), "one row per parsed event");
@@ -43,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             // Pure: the same input gives the same rows.
-            assert_eq!(infobip::normalize(&payload, received_at).ok(), Some(rows));
+            assert_eq!(infobip::normalize(payload, received_at).ok(), Some(rows));
         }
         (Err(a), Err(b)) => assert_eq!(a, b, "parse and normalize refuse for the same reason"),
         (p, n) => panic!("parse and normalize disagree: {p:?} vs {n:?}"),

@@ -1,5 +1,6 @@
 //! `POST /email`: validate, queue durably, answer 202.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
@@ -9,12 +10,15 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::infobip;
 use crate::queue::TaskMessage;
+
+/// Deepest nesting accepted, as serde_json allows when it builds a tree.
+const MAX_DEPTH: usize = 128;
 
 /// Message ids logged per callback at info; the rest are counted.
 const LOGGED_IDS: usize = 5;
@@ -32,12 +36,17 @@ pub async fn receive(
     if let Err(e) = std::str::from_utf8(&body) {
         return Err(ApiError::InvalidUtf8(e.valid_up_to()));
     }
-    // serde_json refuses nesting deeper than 128 levels instead of recursing into it.
-    let payload: Value = serde_json::from_slice(&body)?;
-    let callback = infobip::parse(&payload)?;
+    // Parsed once, lazily: the members an event needs are read from the borrowed text.
+    let payload: &RawValue = serde_json::from_slice(&body)?;
+    if infobip::lazy::depth(&body) > MAX_DEPTH {
+        return Err(ApiError::InvalidJson(serde::de::Error::custom(format!(
+            "nesting deeper than {MAX_DEPTH} levels"
+        ))));
+    }
+    let callback = infobip::parse(payload)?;
 
     let msg = TaskMessage::for_payload(&state.task_name, &body, received_at);
-    let mut statuses: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut statuses: BTreeMap<Cow<'_, str>, usize> = BTreeMap::new();
     for e in &callback.events {
         *statuses.entry(e.status()).or_default() += 1;
     }

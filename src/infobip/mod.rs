@@ -6,42 +6,49 @@
 
 pub mod callback_data;
 mod error;
+pub mod lazy;
 mod time;
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 pub use error::PayloadError;
+use lazy::{Kind, Obj};
 
 /// Infobip sends delivery reports in buckets of at most this many results.
 pub const MAX_RESULTS: usize = 2000;
 
-/// One event inside a callback, borrowed from the parsed payload.
-#[derive(Debug, Clone, Copy)]
+/// One event inside a callback: its members, read lazily, and its own JSON text.
+#[derive(Debug, Clone)]
 pub enum Event<'a> {
     /// A delivery report result (`results[i]`, or a bare result at the top level).
-    Delivery(&'a serde_json::Map<String, Value>),
+    Delivery(Obj<'a>, &'a RawValue),
     /// A tracking event (`notificationType` at the top level).
-    Tracking(&'a serde_json::Map<String, Value>),
+    Tracking(Obj<'a>, &'a RawValue),
 }
 
 impl<'a> Event<'a> {
-    fn fields(&self) -> &'a serde_json::Map<String, Value> {
+    fn fields(&self) -> &Obj<'a> {
         match self {
-            Event::Delivery(m) | Event::Tracking(m) => m,
+            Event::Delivery(m, _) | Event::Tracking(m, _) => m,
+        }
+    }
+
+    fn raw(&self) -> &'a RawValue {
+        match self {
+            Event::Delivery(_, r) | Event::Tracking(_, r) => r,
         }
     }
 
     /// The event's status: `status.groupName` for delivery reports, `notificationType` for tracking.
-    pub fn status(&self) -> &'a str {
+    pub fn status(&self) -> Cow<'a, str> {
         // `parse` has checked that these exist and are non-empty strings.
         match self {
-            Event::Delivery(m) => delivery_status(m).unwrap_or_default(),
-            Event::Tracking(m) => m
-                .get("notificationType")
-                .and_then(Value::as_str)
-                .unwrap_or_default(),
+            Event::Delivery(m, _) => delivery_status(m).unwrap_or_default(),
+            Event::Tracking(m, _) => m.str("notificationType").unwrap_or_default(),
         }
     }
 
@@ -59,15 +66,11 @@ pub struct Callback<'a> {
 }
 
 /// Checks that `payload` is an Infobip e-mail callback and lists its events.
-pub fn parse(payload: &Value) -> Result<Callback<'_>, PayloadError> {
-    let obj = match payload {
-        Value::Object(obj) => obj,
-        other => return Err(PayloadError::NotAnObject(json_kind(other))),
-    };
+pub fn parse(payload: &RawValue) -> Result<Callback<'_>, PayloadError> {
+    let obj = Obj::parse(payload).ok_or(PayloadError::NotAnObject(json_kind(payload)))?;
     if let Some(results) = obj.get("results") {
-        let list = results
-            .as_array()
-            .ok_or(PayloadError::ResultsNotAList(json_kind(results)))?;
+        let list =
+            lazy::as_array(results).ok_or(PayloadError::ResultsNotAList(json_kind(results)))?;
         if list.is_empty() {
             return Err(PayloadError::NoResults);
         }
@@ -75,79 +78,78 @@ pub fn parse(payload: &Value) -> Result<Callback<'_>, PayloadError> {
             return Err(PayloadError::TooManyResults(list.len()));
         }
         let events = list
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(i, r)| delivery(r).map_err(|e| PayloadError::InResult(i, Box::new(e))))
             .collect::<Result<_, _>>()?;
         return Ok(Callback { events });
     }
     if let Some(kind) = obj.get("notificationType") {
-        match kind.as_str() {
+        match lazy::as_str(kind) {
             Some(s) if !s.trim().is_empty() => {}
             _ => return Err(PayloadError::BadNotificationType),
         }
-        check_message_id(obj)?;
+        check_message_id(&obj)?;
         return Ok(Callback {
-            events: vec![Event::Tracking(obj)],
+            events: vec![Event::Tracking(obj, payload)],
         });
     }
     if obj.contains_key("messageId") || obj.contains_key("status") {
         return Ok(Callback {
-            events: vec![delivery(payload)?],
+            events: vec![delivery_fields(obj, payload)?],
         });
     }
     Err(PayloadError::NotACallback)
 }
 
-fn delivery(result: &Value) -> Result<Event<'_>, PayloadError> {
-    let obj = result
-        .as_object()
-        .ok_or(PayloadError::ResultNotAnObject(json_kind(result)))?;
+fn delivery(result: &RawValue) -> Result<Event<'_>, PayloadError> {
+    let obj = Obj::parse(result).ok_or(PayloadError::ResultNotAnObject(json_kind(result)))?;
+    delivery_fields(obj, result)
+}
+
+fn delivery_fields<'a>(obj: Obj<'a>, raw: &'a RawValue) -> Result<Event<'a>, PayloadError> {
     if !obj.contains_key("messageId") && !obj.contains_key("status") {
         return Err(PayloadError::NeitherMessageIdNorStatus);
     }
-    check_message_id(obj)?;
-    if delivery_status(obj).is_none() {
+    check_message_id(&obj)?;
+    if delivery_status(&obj).is_none() {
         return Err(PayloadError::BadStatus);
     }
-    Ok(Event::Delivery(obj))
+    Ok(Event::Delivery(obj, raw))
 }
 
-fn check_message_id(obj: &serde_json::Map<String, Value>) -> Result<(), PayloadError> {
-    match obj.get("messageId") {
-        None | Some(Value::Null) => Err(PayloadError::MissingMessageId),
+fn check_message_id(obj: &Obj<'_>) -> Result<(), PayloadError> {
+    match obj.get("messageId").map(|r| (r, lazy::kind(r))) {
+        None | Some((_, Kind::Null)) => Err(PayloadError::MissingMessageId),
         Some(_) if message_id(obj).is_none() => Err(PayloadError::BadMessageId),
         Some(_) => Ok(()),
     }
 }
 
-fn message_id(obj: &serde_json::Map<String, Value>) -> Option<String> {
-    match obj.get("messageId")? {
-        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+fn message_id(obj: &Obj<'_>) -> Option<String> {
+    let raw = obj.get("messageId")?;
+    match lazy::kind(raw) {
+        Kind::String => lazy::as_str(raw)
+            .filter(|s| !s.trim().is_empty())
+            .map(Cow::into_owned),
+        Kind::Number => lazy::as_number(raw).map(|n| n.to_string()),
         _ => None,
     }
 }
 
 /// `status.groupName`; a status given as a plain string is taken as is.
-fn delivery_status(obj: &serde_json::Map<String, Value>) -> Option<&str> {
-    let s = match obj.get("status")? {
-        Value::Object(st) => st.get("groupName")?.as_str()?,
-        Value::String(s) => s.as_str(),
+fn delivery_status<'a>(obj: &Obj<'a>) -> Option<Cow<'a, str>> {
+    let raw = obj.get("status")?;
+    let s = match lazy::kind(raw) {
+        Kind::Object => Obj::parse(raw)?.str("groupName")?,
+        Kind::String => lazy::as_str(raw)?,
         _ => return None,
     };
     (!s.trim().is_empty()).then_some(s)
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+fn json_kind(v: &RawValue) -> &'static str {
+    lazy::kind(v).name()
 }
 
 /// One row of `email_callback`, ready to insert.
@@ -191,60 +193,57 @@ pub struct NewCallback {
 
 /// Turns a callback payload into one row per event.
 pub fn normalize(
-    payload: &Value,
+    payload: &RawValue,
     received_at: DateTime<Utc>,
 ) -> Result<Vec<NewCallback>, PayloadError> {
     Ok(parse(payload)?
         .events
         .iter()
-        .map(|e| row(*e, received_at))
+        .map(|e| row(e, received_at))
         .collect())
 }
 
-fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
+fn row(event: &Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
     let m = event.fields();
-    let text = |k: &str| m.get(k).and_then(Value::as_str).map(clean);
+    let text = |k: &str| m.str(k).map(|s| clean(&s));
     let id_externo = clean(&event.message_id());
-    let status = clean(event.status());
-    let (email, event_time_raw, event_at) = match event {
-        Event::Delivery(_) => {
-            let done = m.get("doneAt");
-            (text("to"), done, done.and_then(time::parse_event_time))
-        }
-        Event::Tracking(_) => {
-            let t = m.get("sendDateTime").or_else(|| m.get("doneAt"));
-            (text("recipient"), t, t.and_then(time::parse_event_time))
-        }
+    let status = clean(&event.status());
+    let (email, event_time_raw) = match event {
+        Event::Delivery(..) => (text("to"), m.get("doneAt")),
+        Event::Tracking(..) => (
+            text("recipient"),
+            m.get("sendDateTime").or_else(|| m.get("doneAt")),
+        ),
     };
-    let status_name = m
-        .get("status")
-        .and_then(|s| s.get("name"))
-        .and_then(Value::as_str)
-        .map(clean);
-    let error = m.get("error");
+    let event_at = event_time_raw.and_then(time::parse_event_time);
+    let status_obj = m.obj("status");
+    let status_name = status_obj.and_then(|s| s.str("name")).map(|s| clean(&s));
+    let error = m.obj("error");
     let error_name = error
-        .and_then(|e| e.get("name"))
-        .and_then(Value::as_str)
-        .map(clean);
+        .as_ref()
+        .and_then(|e| e.str("name"))
+        .map(|s| clean(&s));
     let error_permanent = error
+        .as_ref()
         .and_then(|e| e.get("permanent"))
-        .and_then(Value::as_bool);
-    let event_id = match m.get("eventId") {
-        Some(Value::String(s)) if !s.is_empty() => Some(clean(s)),
-        Some(Value::Number(n)) => Some(n.to_string()),
+        .and_then(lazy::as_bool);
+    let event_id = m.get("eventId").and_then(|r| match lazy::kind(r) {
+        Kind::String => lazy::as_str(r).filter(|s| !s.is_empty()).map(|s| clean(&s)),
+        Kind::Number => lazy::as_number(r).map(|n| n.to_string()),
         _ => None,
-    };
-    let geo = m.get("geoLocation").or_else(|| m.get("geoLocationInfo"));
-    let geo_text = |k: &str| {
-        geo.and_then(|g| g.get(k))
-            .and_then(Value::as_str)
-            .map(clean)
-    };
-    let (callback_json, qj_contact_id) = match m.get("callbackData") {
-        Some(Value::String(s)) => {
-            callback_data::read(s).map_or((None, None), |r| (Some(r.json), r.contact_id))
-        }
-        Some(v @ Value::Object(_)) => (Some(v.to_string()), callback_data::contact_id(v)),
+    });
+    let geo = m
+        .get("geoLocation")
+        .or_else(|| m.get("geoLocationInfo"))
+        .and_then(Obj::parse);
+    let geo_text = |k: &str| geo.as_ref().and_then(|g| g.str(k)).map(|s| clean(&s));
+    let (callback_json, qj_contact_id) = match m.get("callbackData").map(|r| (r, lazy::kind(r))) {
+        Some((r, Kind::String)) => lazy::as_str(r)
+            .and_then(|s| callback_data::read(&s))
+            .map_or((None, None), |r| (Some(r.json), r.contact_id)),
+        Some((r, Kind::Object)) => lazy::to_value(r).map_or((None, None), |v| {
+            (Some(v.to_string()), callback_data::contact_id(&v))
+        }),
         _ => (None, None),
     };
     let url = text("url");
@@ -254,7 +253,11 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
         &status,
         event_at
             .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
-            .or_else(|| event_time_raw.map(Value::to_string))
+            .or_else(|| {
+                event_time_raw
+                    .and_then(lazy::to_value)
+                    .map(|v| v.to_string())
+            })
             .as_deref(),
         url.as_deref(),
     );
@@ -274,8 +277,8 @@ fn row(event: Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
         country: geo_text("countryName"),
         city: geo_text("city"),
         callback_data: callback_json,
-        // Serializing a map cannot fail (string keys, no non-finite floats in a parsed Value).
-        raw: serde_json::to_string(m).unwrap_or_default(),
+        // The event's own text, as the sender wrote it (valid JSON: serde_json read it).
+        raw: event.raw().get().to_owned(),
         dedupe_key,
     }
 }

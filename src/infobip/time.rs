@@ -2,13 +2,16 @@
 //! `sendDateTime` as epoch milliseconds (a number, or a string of digits).
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
-use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::lazy::{self, Kind};
 
 /// Reads an Infobip event time as UTC; `None` when it is not a time we recognise.
-pub fn parse_event_time(v: &Value) -> Option<DateTime<Utc>> {
-    match v {
-        Value::Number(n) => from_millis(n.as_i64()?),
-        Value::String(s) => {
+pub fn parse_event_time(v: &RawValue) -> Option<DateTime<Utc>> {
+    match lazy::kind(v) {
+        Kind::Number => from_millis(lazy::as_number(v)?.as_i64()?),
+        Kind::String => {
+            let s = lazy::as_str(v)?;
             let s = s.trim();
             if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
                 return from_millis(s.parse().ok()?);
@@ -35,7 +38,11 @@ fn in_range(t: &DateTime<Utc>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn parse_event_time(v: &Value) -> Option<DateTime<Utc>> {
+        super::parse_event_time(&serde_json::value::to_raw_value(v).expect("JSON"))
+    }
 
     #[test]
     fn infobip_offset_without_colon() {

@@ -6,7 +6,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::infobip::lazy::{self, Obj};
 use thiserror::Error;
 
 /// Default Celery task name for a callback.
@@ -123,35 +126,30 @@ pub enum BodyError {
 
 /// The payload and receive time carried by a task body.
 #[derive(Debug)]
-pub struct TaskArgs {
-    /// The Infobip payload.
-    pub payload: Value,
+pub struct TaskArgs<'a> {
+    /// The Infobip payload, borrowed from the body.
+    pub payload: &'a RawValue,
     /// `kwargs.received_at`, when the producer set it (Python producers may not).
     pub received_at: Option<DateTime<Utc>>,
 }
 
 /// Reads a protocol-v2 body `[[payload], {"received_at": ...}, {...}]`.
-pub fn decode_body(body: &[u8]) -> Result<TaskArgs, BodyError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
-    let Value::Array(mut parts) = v else {
+pub fn decode_body(body: &[u8]) -> Result<TaskArgs<'_>, BodyError> {
+    let v: &RawValue =
+        serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let parts = lazy::as_array(v).ok_or(BodyError::BadShape)?;
+    let args = parts
+        .first()
+        .and_then(|a| lazy::as_array(a))
+        .ok_or(BodyError::BadShape)?;
+    let [payload] = args[..] else {
         return Err(BodyError::BadShape);
     };
-    if parts.is_empty() {
-        return Err(BodyError::BadShape);
-    }
-    let kwargs = parts.get(1).cloned();
-    let Value::Array(mut args) = parts.swap_remove(0) else {
-        return Err(BodyError::BadShape);
-    };
-    if args.len() != 1 {
-        return Err(BodyError::BadShape);
-    }
-    let payload = args.swap_remove(0);
-    let received_at = kwargs
-        .as_ref()
-        .and_then(|k| k.get("received_at"))
-        .and_then(Value::as_str)
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+    let received_at = parts
+        .get(1)
+        .and_then(|k| Obj::parse(k))
+        .and_then(|k| k.str("received_at"))
+        .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
         .map(|t| t.with_timezone(&Utc));
     Ok(TaskArgs {
         payload,
@@ -183,7 +181,10 @@ mod tests {
             ])
         );
         let args = decode_body(&msg.body).expect("decodes");
-        assert_eq!(args.payload["messageId"], "m");
+        assert_eq!(
+            args.payload.get(),
+            r#"{"notificationType": "OPENED", "messageId": "m"}"#
+        );
         assert_eq!(args.received_at, Some(at));
         let h = msg.headers();
         assert_eq!(h["task"], DEFAULT_TASK);
@@ -195,7 +196,7 @@ mod tests {
     #[test]
     fn python_producer_without_kwargs() {
         let args = decode_body(br#"[[{"a": 1}], {}, {}]"#).expect("decodes");
-        assert_eq!(args.payload, json!({"a": 1}));
+        assert_eq!(args.payload.get(), r#"{"a": 1}"#);
         assert_eq!(args.received_at, None);
         let args = decode_body(br#"[[{"a": 1}]]"#).expect("decodes");
         assert_eq!(args.received_at, None);
