@@ -13,6 +13,10 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
+    // The API's own JSON step: strict check, then a lazy read.
+    if infobip::lazy::check_json(data).is_err() {
+        return;
+    }
     let Ok(payload) = serde_json::from_slice::<&RawValue>(data) else {
         return;
     };

@@ -17,9 +17,6 @@ use super::AppState;
 use crate::infobip;
 use crate::queue::TaskMessage;
 
-/// Deepest nesting accepted, as serde_json allows when it builds a tree.
-const MAX_DEPTH: usize = 128;
-
 /// Message ids logged per callback at info; the rest are counted.
 const LOGGED_IDS: usize = 5;
 
@@ -36,13 +33,10 @@ pub async fn receive(
     if let Err(e) = std::str::from_utf8(&body) {
         return Err(ApiError::InvalidUtf8(e.valid_up_to()));
     }
-    // Parsed once, lazily: the members an event needs are read from the borrowed text.
+    // Checked as strictly as a `Value` parse (escapes, numbers, 128 levels), then read lazily:
+    // the members an event needs are read from the borrowed text.
+    infobip::lazy::check_json(&body)?;
     let payload: &RawValue = serde_json::from_slice(&body)?;
-    if infobip::lazy::depth(&body) > MAX_DEPTH {
-        return Err(ApiError::InvalidJson(serde::de::Error::custom(format!(
-            "nesting deeper than {MAX_DEPTH} levels"
-        ))));
-    }
     let callback = infobip::parse(payload)?;
 
     let msg = TaskMessage::for_payload(&state.task_name, &body, received_at);

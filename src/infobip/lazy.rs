@@ -5,7 +5,7 @@
 //! free. Here an object is read as its keys and the raw text of each value, borrowed from the
 //! payload ([`RawValue`]); only the fields a row needs are read further, and an event's `raw`
 //! column is its own text instead of a re-serialized tree. serde_json does the parsing: nothing
-//! here scans JSON by hand except [`depth`].
+//! here scans JSON by hand; [`check_json`] keeps serde_json's full strictness.
 
 use std::borrow::Cow;
 
@@ -175,32 +175,58 @@ pub fn to_value(raw: &RawValue) -> Option<Value> {
     serde_json::from_str(raw.get()).ok()
 }
 
-/// Deepest nesting of arrays and objects in `json`, which must be valid JSON. serde_json
-/// refuses more than 128 levels when it builds a tree, but not when it only skims a value, so
-/// the API checks it here (a byte scan: nothing else in JSON opens or closes a level).
-pub fn depth(json: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in json {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
+/// Checks that `json` is a JSON document exactly as strictly as parsing it into a
+/// `serde_json::Value` would, without building anything: every string is decoded (a lone UTF-16
+/// surrogate escape is refused, which PostgreSQL's `jsonb` would refuse later), every number
+/// read (out of range is refused) and nesting is limited to 128 levels. Skimming into a
+/// [`RawValue`] checks none of these, so whatever is read lazily is checked here first.
+pub fn check_json(json: &[u8]) -> Result<(), serde_json::Error> {
+    serde_json::from_slice::<Checked>(json).map(|_| ())
+}
+
+/// Any JSON value, visited in full and kept as nothing.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Checked;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
+            fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+                Ok(Checked)
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_unit<E>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<Checked, A::Error> {
+                while s.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Checked, A::Error> {
+                while m.next_entry::<Checked, Checked>()?.is_some() {}
+                Ok(Checked)
+            }
         }
+        d.deserialize_any(V)
     }
-    max
 }
 
 #[cfg(test)]
@@ -234,11 +260,30 @@ mod tests {
         assert_eq!(as_array(&raw("[1, \"a\"]")).map(|v| v.len()), Some(2));
     }
 
+    /// Found by the `normalize` fuzz target: a lone surrogate escape passes a skim into
+    /// `RawValue` but not a parse into `Value` (nor PostgreSQL's `jsonb`).
     #[test]
-    fn depth_ignores_brackets_in_strings() {
-        assert_eq!(depth(br#"{"a": "[[[{", "b": [[1]]}"#), 3);
-        assert_eq!(depth(br#"["\"[", "\\", [2]]"#), 2);
-        assert_eq!(depth(b"1"), 0);
+    fn check_json_is_as_strict_as_value() {
+        for bad in [
+            r#"{"a": "\ud82c\\udf81"}"#,
+            "[1e400]",
+            "[1, 2",
+            r#"{"a": 1} x"#,
+        ] {
+            assert!(check_json(bad.as_bytes()).is_err(), "{bad}");
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+        }
+        // The same nesting limit as `Value` (serde_json's 128), on either side of it.
+        for n in [1, 100, 127, 128, 129, 200] {
+            let nested = "[".repeat(n) + &"]".repeat(n);
+            assert_eq!(
+                check_json(nested.as_bytes()).is_ok(),
+                serde_json::from_str::<Value>(&nested).is_ok(),
+                "{n} levels"
+            );
+        }
+        assert!(check_json(("[".repeat(200) + &"]".repeat(200)).as_bytes()).is_err());
+        assert!(check_json(r#"{"a": ["\ud83c\udf81", -0.5, null, true, {}]}"#.as_bytes()).is_ok());
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {
@@ -257,21 +302,13 @@ mod tests {
         })
     }
 
-    fn value_depth(v: &Value) -> usize {
-        match v {
-            Value::Array(a) => 1 + a.iter().map(value_depth).max().unwrap_or(0),
-            Value::Object(o) => 1 + o.values().map(value_depth).max().unwrap_or(0),
-            _ => 0,
-        }
-    }
-
     proptest! {
-        /// Every member reads back as the tree has it, and the byte scan measures the tree.
+        /// Every member reads back as the tree has it.
         #[test]
         fn agrees_with_value(v in arb_json()) {
             let text = v.to_string();
             let r = raw(&text);
-            prop_assert_eq!(depth(text.as_bytes()), value_depth(&v));
+            prop_assert!(check_json(text.as_bytes()).is_ok());
             if let Value::Object(m) = &v {
                 let o = Obj::parse(&r).expect("object");
                 for (k, val) in m {
@@ -282,6 +319,15 @@ mod tests {
             } else {
                 prop_assert!(Obj::parse(&r).is_none());
             }
+        }
+
+        /// On arbitrary text, `check_json` accepts exactly what `Value` parses.
+        #[test]
+        fn check_json_agrees_with_value_on_text(s in "[\\[\\]{}\",:0-9a-z\\\\ ]{0,40}") {
+            prop_assert_eq!(
+                check_json(s.as_bytes()).is_ok(),
+                serde_json::from_str::<Value>(&s).is_ok()
+            );
         }
     }
 }
