@@ -10,7 +10,6 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use serde::Serialize;
-use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::AppState;
@@ -35,8 +34,7 @@ pub async fn receive(
     }
     // Checked as strictly as a `Value` parse (escapes, numbers, 128 levels), then read lazily:
     // the members an event needs are read from the borrowed text.
-    infobip::lazy::check_json(&body)?;
-    let payload: &RawValue = serde_json::from_slice(&body)?;
+    let payload = infobip::lazy::read_json(&body)?;
     let callback = infobip::parse(payload)?;
 
     let msg = TaskMessage::for_payload(&state.task_name, &body, received_at);

@@ -5,7 +5,7 @@
 //! free. Here an object is read as its keys and the raw text of each value, borrowed from the
 //! payload ([`RawValue`]); only the fields a row needs are read further, and an event's `raw`
 //! column is its own text instead of a re-serialized tree. serde_json does the parsing: nothing
-//! here scans JSON by hand; [`check_json`] keeps serde_json's full strictness.
+//! here scans JSON by hand, and [`read_json`] keeps serde_json's full strictness.
 
 use std::borrow::Cow;
 
@@ -175,12 +175,20 @@ pub fn to_value(raw: &RawValue) -> Option<Value> {
     serde_json::from_str(raw.get()).ok()
 }
 
-/// Checks that `json` is a JSON document exactly as strictly as parsing it into a
-/// `serde_json::Value` would, without building anything: every string is decoded (a lone UTF-16
-/// surrogate escape is refused, which PostgreSQL's `jsonb` would refuse later), every number
-/// read (out of range is refused) and nesting is limited to 128 levels. Skimming into a
-/// [`RawValue`] checks none of these, so whatever is read lazily is checked here first.
-pub fn check_json(json: &[u8]) -> Result<(), serde_json::Error> {
+/// Reads a JSON document for lazy reading, refusing exactly what parsing it into a
+/// `serde_json::Value` would refuse: the one way in for payloads (API, task bodies, fuzzing).
+///
+/// A skim into [`RawValue`] decodes no string, reads no number and follows nesting without a
+/// limit, so the document is first visited in full by [`check_json`], building nothing.
+pub fn read_json(json: &[u8]) -> Result<&RawValue, serde_json::Error> {
+    check_json(json)?;
+    serde_json::from_slice(json)
+}
+
+/// Checks `json` as strictly as a `Value` parse, without building anything: every string is
+/// decoded (a lone UTF-16 surrogate escape is refused, which PostgreSQL's `jsonb` would refuse
+/// later), every number read (out of range is refused) and nesting is limited to 128 levels.
+fn check_json(json: &[u8]) -> Result<(), serde_json::Error> {
     serde_json::from_slice::<Checked>(json).map(|_| ())
 }
 
@@ -270,7 +278,7 @@ mod tests {
             "[1, 2",
             r#"{"a": 1} x"#,
         ] {
-            assert!(check_json(bad.as_bytes()).is_err(), "{bad}");
+            assert!(read_json(bad.as_bytes()).is_err(), "{bad}");
             assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
         }
         // The same nesting limit as `Value` (serde_json's 128), on either side of it.

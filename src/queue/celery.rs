@@ -135,9 +135,7 @@ pub struct TaskArgs<'a> {
 
 /// Reads a protocol-v2 body `[[payload], {"received_at": ...}, {...}]`.
 pub fn decode_body(body: &[u8]) -> Result<TaskArgs<'_>, BodyError> {
-    lazy::check_json(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
-    let v: &RawValue =
-        serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let v = lazy::read_json(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
     let parts = lazy::as_array(v).ok_or(BodyError::BadShape)?;
     let args = parts
         .first()
