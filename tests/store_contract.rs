@@ -164,6 +164,24 @@ pub async fn upgrade_keeps_rows(s: Arc<dyn Store>, exact: bool) {
     assert_eq!(s.count().await.expect("count"), 2);
 }
 
+/// Opens a connection with `$connect`, builds the table with the first migration of `$db` alone,
+/// inserts [`old_row`] and closes.
+macro_rules! fill_first_schema {
+    ($connect:expr, $db:literal) => {{
+        let mut conn = $connect.await.expect($db);
+        let old = first_migration($db);
+        let m = sqlx::migrate::Migrator::new(old.path())
+            .await
+            .expect("read");
+        m.run(&mut conn).await.expect("old migrate");
+        sqlx::raw_sql(&old_insert())
+            .execute(&mut conn)
+            .await
+            .expect("old insert");
+        conn.close().await.expect("close");
+    }};
+}
+
 macro_rules! store_suite {
     ($make:path, $make_old:path, $exact:expr) => {
         #[tokio::test]
@@ -210,19 +228,7 @@ mod sqlite {
         let dir = Box::leak(Box::new(tempfile::tempdir().expect("dir")));
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let opts = mailhook::queue::sqlite::connect_options(&url).expect("url");
-        let mut conn = sqlx::SqliteConnection::connect_with(&opts)
-            .await
-            .expect("sqlite");
-        let old = first_migration("sqlite");
-        let m = sqlx::migrate::Migrator::new(old.path())
-            .await
-            .expect("read");
-        m.run(&mut conn).await.expect("old migrate");
-        sqlx::raw_sql(&old_insert())
-            .execute(&mut conn)
-            .await
-            .expect("old insert");
-        conn.close().await.expect("close");
+        fill_first_schema!(sqlx::SqliteConnection::connect_with(&opts), "sqlite");
         Some(store::connect(&url, 2).await.expect("sqlite"))
     }
 
@@ -241,17 +247,7 @@ mod postgres {
 
     async fn make_old() -> Option<Arc<dyn Store>> {
         let url = common::pg_database().await?;
-        let mut conn = sqlx::PgConnection::connect(&url).await.expect("postgres");
-        let old = first_migration("postgres");
-        let m = sqlx::migrate::Migrator::new(old.path())
-            .await
-            .expect("read");
-        m.run(&mut conn).await.expect("old migrate");
-        sqlx::raw_sql(&old_insert())
-            .execute(&mut conn)
-            .await
-            .expect("old insert");
-        conn.close().await.expect("close");
+        fill_first_schema!(sqlx::PgConnection::connect(&url), "postgres");
         Some(store::connect(&url, 2).await.expect("postgres"))
     }
 
@@ -270,17 +266,7 @@ mod mysql {
 
     async fn make_old() -> Option<Arc<dyn Store>> {
         let url = common::mysql_database().await?;
-        let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("mysql");
-        let old = first_migration("mysql");
-        let m = sqlx::migrate::Migrator::new(old.path())
-            .await
-            .expect("read");
-        m.run(&mut conn).await.expect("old migrate");
-        sqlx::raw_sql(&old_insert())
-            .execute(&mut conn)
-            .await
-            .expect("old insert");
-        conn.close().await.expect("close");
+        fill_first_schema!(sqlx::MySqlConnection::connect(&url), "mysql");
         Some(store::connect(&url, 2).await.expect("mysql"))
     }
 
