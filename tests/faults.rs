@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use mailhook::http::{router, AppState};
-use mailhook::queue::sqlite::{connect_options, SqliteBroker};
+use mailhook::queue::sqlite::SqliteBroker;
 use mailhook::queue::{Broker, BrokerConfig};
+use mailhook::sqlite::connect_options;
 use mailhook::store;
 use mailhook::worker::{Worker, WorkerConfig};
 use serde_json::json;

@@ -227,7 +227,7 @@ mod sqlite {
     async fn make_old() -> Option<Arc<dyn Store>> {
         let dir = Box::leak(Box::new(tempfile::tempdir().expect("dir")));
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let opts = mailhook::queue::sqlite::connect_options(&url).expect("url");
+        let opts = mailhook::sqlite::connect_options(&url).expect("url");
         fill_first_schema!(sqlx::SqliteConnection::connect_with(&opts), "sqlite");
         Some(store::connect(&url, 2).await.expect("sqlite"))
     }

@@ -8,6 +8,10 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 #[path = "../../src/infobip/mod.rs"]
 mod infobip;
+// The JSON reader the core reads payloads with (a leaf module of its own).
+#[allow(dead_code)]
+#[path = "../../src/json.rs"]
+mod json;
 
 use infobip::callback_data;
 use serde_json::Value;

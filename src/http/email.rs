@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::AppState;
 use crate::infobip;
+use crate::json;
 use crate::queue::TaskMessage;
 
 /// Message ids logged per callback at info; the rest are counted.
@@ -34,7 +35,7 @@ pub async fn receive(
     }
     // Checked as strictly as a `Value` parse (escapes, numbers, 128 levels), then read lazily:
     // the members an event needs are read from the borrowed text.
-    let payload = infobip::lazy::read_json(&body)?;
+    let payload = json::read_json(&body)?;
     let callback = infobip::parse(payload)?;
 
     let msg = TaskMessage::for_payload(&state.task_name, &body, received_at);

@@ -6,7 +6,6 @@
 
 pub mod callback_data;
 mod error;
-pub mod lazy;
 mod time;
 
 use std::borrow::Cow;
@@ -15,8 +14,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use crate::json::{self, Kind, Obj};
 pub use error::PayloadError;
-use lazy::{Kind, Obj};
 
 /// Infobip sends delivery reports in buckets of at most this many results.
 pub const MAX_RESULTS: usize = 2000;
@@ -70,7 +69,7 @@ pub fn parse(payload: &RawValue) -> Result<Callback<'_>, PayloadError> {
     let obj = Obj::parse(payload).ok_or(PayloadError::NotAnObject(json_kind(payload)))?;
     if let Some(results) = obj.get("results") {
         let list =
-            lazy::as_array(results).ok_or(PayloadError::ResultsNotAList(json_kind(results)))?;
+            json::as_array(results).ok_or(PayloadError::ResultsNotAList(json_kind(results)))?;
         if list.is_empty() {
             return Err(PayloadError::NoResults);
         }
@@ -85,7 +84,7 @@ pub fn parse(payload: &RawValue) -> Result<Callback<'_>, PayloadError> {
         return Ok(Callback { events });
     }
     if let Some(kind) = obj.get("notificationType") {
-        match lazy::as_str(kind) {
+        match json::as_str(kind) {
             Some(s) if !s.trim().is_empty() => {}
             _ => return Err(PayloadError::BadNotificationType),
         }
@@ -119,7 +118,7 @@ fn delivery_fields<'a>(obj: Obj<'a>, raw: &'a RawValue) -> Result<Event<'a>, Pay
 }
 
 fn check_message_id(obj: &Obj<'_>) -> Result<(), PayloadError> {
-    match obj.get("messageId").map(|r| (r, lazy::kind(r))) {
+    match obj.get("messageId").map(|r| (r, json::kind(r))) {
         None | Some((_, Kind::Null)) => Err(PayloadError::MissingMessageId),
         Some(_) if message_id(obj).is_none() => Err(PayloadError::BadMessageId),
         Some(_) => Ok(()),
@@ -128,11 +127,11 @@ fn check_message_id(obj: &Obj<'_>) -> Result<(), PayloadError> {
 
 fn message_id(obj: &Obj<'_>) -> Option<String> {
     let raw = obj.get("messageId")?;
-    match lazy::kind(raw) {
-        Kind::String => lazy::as_str(raw)
+    match json::kind(raw) {
+        Kind::String => json::as_str(raw)
             .filter(|s| !s.trim().is_empty())
             .map(Cow::into_owned),
-        Kind::Number => lazy::as_number(raw).map(|n| n.to_string()),
+        Kind::Number => json::as_number(raw).map(|n| n.to_string()),
         _ => None,
     }
 }
@@ -140,16 +139,16 @@ fn message_id(obj: &Obj<'_>) -> Option<String> {
 /// `status.groupName`; a status given as a plain string is taken as is.
 fn delivery_status<'a>(obj: &Obj<'a>) -> Option<Cow<'a, str>> {
     let raw = obj.get("status")?;
-    let s = match lazy::kind(raw) {
+    let s = match json::kind(raw) {
         Kind::Object => Obj::parse(raw)?.str("groupName")?,
-        Kind::String => lazy::as_str(raw)?,
+        Kind::String => json::as_str(raw)?,
         _ => return None,
     };
     (!s.trim().is_empty()).then_some(s)
 }
 
 fn json_kind(v: &RawValue) -> &'static str {
-    lazy::kind(v).name()
+    json::kind(v).name()
 }
 
 /// One row of `email_callback`, ready to insert.
@@ -226,10 +225,10 @@ fn row(event: &Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
     let error_permanent = error
         .as_ref()
         .and_then(|e| e.get("permanent"))
-        .and_then(lazy::as_bool);
-    let event_id = m.get("eventId").and_then(|r| match lazy::kind(r) {
-        Kind::String => lazy::as_str(r).filter(|s| !s.is_empty()).map(|s| clean(&s)),
-        Kind::Number => lazy::as_number(r).map(|n| n.to_string()),
+        .and_then(json::as_bool);
+    let event_id = m.get("eventId").and_then(|r| match json::kind(r) {
+        Kind::String => json::as_str(r).filter(|s| !s.is_empty()).map(|s| clean(&s)),
+        Kind::Number => json::as_number(r).map(|n| n.to_string()),
         _ => None,
     });
     let geo = m
@@ -237,11 +236,11 @@ fn row(event: &Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
         .or_else(|| m.get("geoLocationInfo"))
         .and_then(Obj::parse);
     let geo_text = |k: &str| geo.as_ref().and_then(|g| g.str(k)).map(|s| clean(&s));
-    let (callback_json, qj_contact_id) = match m.get("callbackData").map(|r| (r, lazy::kind(r))) {
-        Some((r, Kind::String)) => lazy::as_str(r)
+    let (callback_json, qj_contact_id) = match m.get("callbackData").map(|r| (r, json::kind(r))) {
+        Some((r, Kind::String)) => json::as_str(r)
             .and_then(|s| callback_data::read(&s))
             .map_or((None, None), |r| (Some(r.json), r.contact_id)),
-        Some((r, Kind::Object)) => lazy::to_value(r).map_or((None, None), |v| {
+        Some((r, Kind::Object)) => json::to_value(r).map_or((None, None), |v| {
             (Some(v.to_string()), callback_data::contact_id(&v))
         }),
         _ => (None, None),
@@ -255,7 +254,7 @@ fn row(event: &Event<'_>, received_at: DateTime<Utc>) -> NewCallback {
             .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
             .or_else(|| {
                 event_time_raw
-                    .and_then(lazy::to_value)
+                    .and_then(json::to_value)
                     .map(|v| v.to_string())
             })
             .as_deref(),

@@ -4,14 +4,14 @@
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde_json::value::RawValue;
 
-use super::lazy::{self, Kind};
+use crate::json::{self, Kind};
 
 /// Reads an Infobip event time as UTC; `None` when it is not a time we recognise.
 pub fn parse_event_time(v: &RawValue) -> Option<DateTime<Utc>> {
-    match lazy::kind(v) {
-        Kind::Number => from_millis(lazy::as_number(v)?.as_i64()?),
+    match json::kind(v) {
+        Kind::Number => from_millis(json::as_number(v)?.as_i64()?),
         Kind::String => {
-            let s = lazy::as_str(v)?;
+            let s = json::as_str(v)?;
             let s = s.trim();
             if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
                 return from_millis(s.parse().ok()?);

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::infobip::lazy::{self, Obj};
+use crate::json::{self, Obj};
 use thiserror::Error;
 
 /// Default Celery task name for a callback.
@@ -135,11 +135,11 @@ pub struct TaskArgs<'a> {
 
 /// Reads a protocol-v2 body `[[payload], {"received_at": ...}, {...}]`.
 pub fn decode_body(body: &[u8]) -> Result<TaskArgs<'_>, BodyError> {
-    let v = lazy::read_json(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
-    let parts = lazy::as_array(v).ok_or(BodyError::BadShape)?;
+    let v = json::read_json(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let parts = json::as_array(v).ok_or(BodyError::BadShape)?;
     let args = parts
         .first()
-        .and_then(|a| lazy::as_array(a))
+        .and_then(|a| json::as_array(a))
         .ok_or(BodyError::BadShape)?;
     let [payload] = args[..] else {
         return Err(BodyError::BadShape);

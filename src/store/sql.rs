@@ -10,6 +10,7 @@ use sqlx::{MySql, MySqlPool, PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool}
 
 use super::{Store, StoreError, StoredCallback};
 use crate::infobip::NewCallback;
+use crate::sqlite::{connect_options, Checkpointer};
 
 /// Rows per INSERT statement: 18 parameters each stays under both databases' limits.
 const CHUNK: usize = 1000;
@@ -25,18 +26,18 @@ macro_rules! columns {
 /// `email_callback` in a SQLite file (WAL, `synchronous=FULL`).
 pub struct SqliteStore {
     pool: SqlitePool,
-    _checkpointer: crate::queue::sqlite::Checkpointer,
+    _checkpointer: Checkpointer,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let opts = crate::queue::sqlite::connect_options(url)?;
+        let opts = connect_options(url)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(opts.clone())
             .await?;
-        let checkpointer = crate::queue::sqlite::Checkpointer::start(&opts).await?;
+        let checkpointer = Checkpointer::start(&opts).await?;
         Ok(SqliteStore {
             pool,
             _checkpointer: checkpointer,
