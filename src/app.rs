@@ -1,4 +1,6 @@
-//! Builds the running service (store, broker, router, workers) in one place, for `main` and tests.
+//! Wires the running service from its configuration (store, broker, router, workers) in one
+//! place, for `main` and the tests. The one module that imports every other: `config` says what
+//! was asked for, and this module turns it into each layer's own settings.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -11,10 +13,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CommonArgs, ServeArgs, WorkerArgs};
-use crate::http::{self, AppState};
-use crate::queue::{self, Broker, QueueError};
+use crate::http::{self, auth::Auth, AppState};
+use crate::queue::{self, Broker, BrokerConfig, QueueError};
 use crate::store::{self, Store, StoreError};
-use crate::worker::Worker;
+use crate::worker::{Worker, WorkerConfig};
 
 /// Why the service could not start.
 #[derive(Debug, Error)]
@@ -23,7 +25,7 @@ pub enum StartError {
     Queue(#[from] QueueError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -40,19 +42,98 @@ pub async fn open_store(
     Ok(store)
 }
 
-/// Starts `n` consume loops on `set`.
-pub fn spawn_workers(
-    set: &mut JoinSet<()>,
-    broker: &Arc<dyn Broker>,
-    store: &Arc<dyn Store>,
-    args: &WorkerArgs,
-    task_name: &str,
-    shutdown: &CancellationToken,
-) {
-    for _ in 0..args.concurrency.max(1) {
-        let w = Worker::new(broker.clone(), store.clone(), args.config(task_name));
-        set.spawn(w.run(shutdown.child_token()));
+/// The broker settings of `common`, for a consumer holding up to `prefetch` messages.
+pub fn broker_config(common: &CommonArgs, prefetch: u16) -> BrokerConfig {
+    BrokerConfig {
+        url: common.broker_url(),
+        queue: common.queue.clone(),
+        visibility_timeout: common.visibility_timeout(),
+        prefetch,
     }
+}
+
+/// Connects to the broker `common` names.
+pub async fn connect_broker(
+    common: &CommonArgs,
+    prefetch: u16,
+) -> Result<Arc<dyn Broker>, QueueError> {
+    queue::connect(&broker_config(common, prefetch)).await
+}
+
+/// The worker settings of `args`, for messages named `task_name`.
+pub fn worker_config(args: &WorkerArgs, task_name: &str) -> WorkerConfig {
+    WorkerConfig {
+        task_name: task_name.to_owned(),
+        batch_size: usize::from(args.prefetch.max(1)),
+        max_attempts: args.max_attempts.max(1),
+        ..WorkerConfig::default()
+    }
+}
+
+/// The webhook credentials `mailhook serve` accepts.
+pub fn auth(args: &ServeArgs) -> Auth {
+    Auth::new(
+        &args.basic_auth,
+        args.auth_header.clone(),
+        &args.auth_secret,
+    )
+}
+
+/// The consume loops of one process.
+struct Workers(JoinSet<()>);
+
+impl Workers {
+    /// Starts `args.concurrency` loops; each finishes its batch in hand once `stop` fires.
+    fn start(
+        broker: &Arc<dyn Broker>,
+        store: &Arc<dyn Store>,
+        args: &WorkerArgs,
+        task_name: &str,
+        stop: &CancellationToken,
+    ) -> Self {
+        let mut set = JoinSet::new();
+        for _ in 0..args.concurrency.max(1) {
+            let w = Worker::new(
+                broker.clone(),
+                store.clone(),
+                worker_config(args, task_name),
+            );
+            set.spawn(w.run(stop.child_token()));
+        }
+        Workers(set)
+    }
+
+    /// Waits until every loop has stopped.
+    async fn finished(mut self) {
+        while self.0.join_next().await.is_some() {}
+    }
+}
+
+/// `mailhook worker`: consume loops only, until `shutdown` fires; then each loop stores and acks
+/// the batch in hand, within the shutdown deadline (what is left unacked stays on the queue).
+pub async fn run_worker(
+    common: CommonArgs,
+    args: WorkerArgs,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    // One connection per loop, and one to spare for migrations.
+    let connections = u32::try_from(args.concurrency).unwrap_or(1).max(1) + 1;
+    let store = open_store(&common, connections).await?;
+    let broker = connect_broker(&common, args.prefetch).await?;
+    let workers = Workers::start(&broker, &store, &args, &common.task_name, &shutdown);
+    tracing::info!(queue = %common.queue, concurrency = args.concurrency, "worker started");
+    shutdown.cancelled().await;
+    let deadline = Duration::from_secs(args.shutdown_timeout);
+    if tokio::time::timeout(deadline, workers.finished())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?deadline,
+            "workers did not finish within the shutdown deadline"
+        );
+    }
+    Ok(())
 }
 
 /// A built service, listening, not yet serving.
@@ -73,7 +154,7 @@ impl App {
         } else {
             Some(open_store(&common, 4).await?)
         };
-        let broker = queue::connect(&common.broker(args.worker.prefetch)).await?;
+        let broker = connect_broker(&common, args.worker.prefetch).await?;
         let state = AppState {
             broker: broker.clone(),
             task_name: common.task_name.as_str().into(),
@@ -81,7 +162,7 @@ impl App {
             body_limit: args.body_limit,
             in_flight: Arc::new(tokio::sync::Semaphore::new(args.max_in_flight.max(1))),
         };
-        let auth = http::auth::Auth::from_args(&args);
+        let auth = auth(&args);
         auth.warn_if_exposed(args.bind);
         let router = http::authenticated_router(
             state,
@@ -112,22 +193,20 @@ impl App {
     /// Serves until `shutdown` fires, then drains requests in flight and lets workers finish
     /// their batch, within the shutdown deadline.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        let mut workers = JoinSet::new();
         let worker_stop = CancellationToken::new();
-        if let Some(store) = &self.store {
-            spawn_workers(
-                &mut workers,
+        let workers = self.store.as_ref().map(|store| {
+            Workers::start(
                 &self.broker,
                 store,
                 &self.args.worker,
                 &self.common.task_name,
                 &worker_stop,
-            );
-        }
+            )
+        });
         tracing::info!(
             addr = %self.listener.local_addr()?,
             queue = %self.common.queue,
-            worker = self.store.is_some(),
+            worker = workers.is_some(),
             "mailhook listening"
         );
         let server = axum::serve(self.listener, self.router)
@@ -144,7 +223,9 @@ impl App {
         let deadline = Duration::from_secs(self.args.worker.shutdown_timeout);
         let drained = tokio::time::timeout(deadline, async {
             let served = server.await;
-            while workers.join_next().await.is_some() {}
+            if let Some(workers) = workers {
+                workers.finished().await;
+            }
             served
         })
         .await;

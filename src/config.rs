@@ -1,4 +1,7 @@
 //! All configuration: flags, each with an environment twin, and defaults that need no setup.
+//!
+//! A leaf of the crate: it describes settings and resolves their defaults, and `app` turns them
+//! into the queue's, the worker's and the HTTP layer's own configuration.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -6,9 +9,10 @@ use std::time::Duration;
 use axum::http::HeaderName;
 use clap::{Args, Parser, Subcommand};
 
-use crate::http::auth::{BasicCredential, Secret};
-use crate::queue::{celery::DEFAULT_TASK, BrokerConfig};
-use crate::worker::WorkerConfig;
+use crate::secret::{BasicCredential, Secret};
+
+/// Default Celery task name of a callback (a Python worker registers the same name).
+pub const DEFAULT_TASK: &str = "mailhook.process_email_callback";
 
 /// Receives Infobip e-mail callbacks on `POST /email`, queues them on `email-webhook`
 /// (SQLite, Redis or RabbitMQ, in Celery's protocol) and stores one `email_callback` row per event.
@@ -71,16 +75,15 @@ impl CommonArgs {
             .unwrap_or_else(|| default_broker_url(&self.database_url))
     }
 
-    /// Broker settings resolved from flags and environment.
-    pub fn broker(&self, prefetch: u16) -> BrokerConfig {
-        let url = self.broker_url();
-        let default_vt = if url.starts_with("redis") { 3600 } else { 30 };
-        BrokerConfig {
-            url,
-            queue: self.queue.clone(),
-            visibility_timeout: Duration::from_secs(self.visibility_timeout.unwrap_or(default_vt)),
-            prefetch,
-        }
+    /// The visibility timeout: `--visibility-timeout`, else 3600 s on Redis (kombu's default,
+    /// which Python workers sharing the database use too), else 30 s.
+    pub fn visibility_timeout(&self) -> Duration {
+        let default = if self.broker_url().starts_with("redis") {
+            3600
+        } else {
+            30
+        };
+        Duration::from_secs(self.visibility_timeout.unwrap_or(default))
     }
 }
 
@@ -192,18 +195,6 @@ pub struct WorkerArgs {
     /// Seconds allowed, after SIGTERM or SIGINT, to finish the batch in hand and requests in flight.
     #[arg(long, env = "MAILHOOK_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
-}
-
-impl WorkerArgs {
-    /// The worker configuration for `task_name`.
-    pub fn config(&self, task_name: &str) -> WorkerConfig {
-        WorkerConfig {
-            task_name: task_name.to_owned(),
-            batch_size: usize::from(self.prefetch.max(1)),
-            max_attempts: self.max_attempts.max(1),
-            ..WorkerConfig::default()
-        }
-    }
 }
 
 /// `mailhook dlq ...`.

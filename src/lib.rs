@@ -11,6 +11,7 @@ pub mod http;
 pub mod infobip;
 pub mod json;
 pub mod queue;
+pub mod secret;
 pub mod sqlite;
 pub mod store;
 pub mod worker;

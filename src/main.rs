@@ -1,15 +1,12 @@
-//! The `mailhook` command line.
-
-use std::time::Duration;
+//! The `mailhook` command line: parses it, sets up logging and signals, and dispatches to `app`.
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use mailhook::app::{open_store, spawn_workers, App};
-use mailhook::config::{Cli, Command, DlqCommand};
+use mailhook::app::{self, App};
+use mailhook::config::{Cli, Command, CommonArgs, DlqCommand};
 use mailhook::queue;
 
 #[tokio::main]
@@ -30,61 +27,38 @@ async fn main() -> anyhow::Result<()> {
                 .context("starting mailhook")?;
             app.run(shutdown_signal()).await.context("serving")?;
         }
-        Command::Worker(args) => {
-            let store = open_store(
-                &common,
-                u32::try_from(args.concurrency).unwrap_or(1).max(1) + 1,
-            )
+        Command::Worker(args) => app::run_worker(common, args, shutdown_signal())
             .await
-            .context("opening the database")?;
-            let broker = queue::connect(&common.broker(args.prefetch))
-                .await
-                .context("connecting to the broker")?;
-            let shutdown = shutdown_signal();
-            let mut set = JoinSet::new();
-            spawn_workers(
-                &mut set,
-                &broker,
-                &store,
-                &args,
-                &common.task_name,
-                &shutdown,
-            );
-            tracing::info!(queue = %common.queue, concurrency = args.concurrency, "worker started");
-            shutdown.cancelled().await;
-            let deadline = Duration::from_secs(args.shutdown_timeout);
-            if tokio::time::timeout(deadline, async { while set.join_next().await.is_some() {} })
-                .await
-                .is_err()
-            {
-                tracing::warn!("workers did not finish within the shutdown deadline");
-            }
-        }
+            .context("starting the worker")?,
         Command::Migrate => {
-            open_store(&common, 1)
+            app::open_store(&common, 1)
                 .await
                 .context("applying migrations")?;
             tracing::info!(database = %redact(&common.database_url), "migrations applied");
         }
-        Command::Dlq(cmd) => {
-            let broker = queue::connect(&common.broker(1))
-                .await
-                .context("connecting to the broker")?;
-            match cmd {
-                DlqCommand::List { limit } => {
-                    for d in broker.dlq_list(limit).await? {
-                        println!("{}", serde_json::to_string(&d)?);
-                    }
-                }
-                DlqCommand::Replay { id: Some(id), .. } => {
-                    let n = broker.dlq_replay(Some(&id)).await?;
-                    println!("replayed {n} message(s) onto {}", common.queue);
-                }
-                DlqCommand::Replay { id: None, .. } => {
-                    let n = replay_all(broker.as_ref()).await?;
-                    println!("replayed {n} message(s) onto {}", common.queue);
-                }
+        Command::Dlq(cmd) => dlq(&common, cmd).await?,
+    }
+    Ok(())
+}
+
+/// `mailhook dlq ...`: dead letters as JSON lines, or replayed onto the queue.
+async fn dlq(common: &CommonArgs, cmd: DlqCommand) -> anyhow::Result<()> {
+    let broker = app::connect_broker(common, 1)
+        .await
+        .context("connecting to the broker")?;
+    match cmd {
+        DlqCommand::List { limit } => {
+            for d in broker.dlq_list(limit).await? {
+                println!("{}", serde_json::to_string(&d)?);
             }
+        }
+        DlqCommand::Replay { id: Some(id), .. } => {
+            let n = broker.dlq_replay(Some(&id)).await?;
+            println!("replayed {n} message(s) onto {}", common.queue);
+        }
+        DlqCommand::Replay { id: None, .. } => {
+            let n = replay_all(broker.as_ref()).await?;
+            println!("replayed {n} message(s) onto {}", common.queue);
         }
     }
     Ok(())

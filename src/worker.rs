@@ -11,6 +11,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::DEFAULT_TASK;
 use crate::infobip::{self, NewCallback};
 use crate::queue::{celery, Broker, Delivery};
 use crate::store::Store;
@@ -33,7 +34,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            task_name: celery::DEFAULT_TASK.to_owned(),
+            task_name: DEFAULT_TASK.to_owned(),
             batch_size: 256,
             max_attempts: 10,
             base_backoff: Duration::from_millis(200),

@@ -22,11 +22,11 @@ async fn spawn_auth(configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
     app
 }
 
-fn basic_pairs(list: &[&str]) -> Vec<mailhook::http::auth::BasicCredential> {
+fn basic_pairs(list: &[&str]) -> Vec<mailhook::secret::BasicCredential> {
     list.iter().map(|s| s.parse().expect("USER:PASS")).collect()
 }
 
-fn secrets(list: &[&str]) -> Vec<mailhook::http::auth::Secret> {
+fn secrets(list: &[&str]) -> Vec<mailhook::secret::Secret> {
     list.iter().map(|s| s.parse().expect("secret")).collect()
 }
 

@@ -21,7 +21,7 @@ fn amqp_common(pg: &str, amqp: &str, queue: &str) -> CommonArgs {
         database_url: pg.to_owned(),
         broker_url: Some(amqp.to_owned()),
         queue: queue.to_owned(),
-        task_name: queue::celery::DEFAULT_TASK.into(),
+        task_name: mailhook::config::DEFAULT_TASK.into(),
         visibility_timeout: None,
     }
 }
@@ -103,7 +103,7 @@ async fn consumer_dying_mid_batch_redelivers_without_doubles() {
         .expect("producer");
     let payloads: Vec<String> = (0..N).map(|n| opened("crash", n)).collect();
     for p in &payloads {
-        let m = TaskMessage::for_payload(queue::celery::DEFAULT_TASK, p.as_bytes(), Utc::now());
+        let m = TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, p.as_bytes(), Utc::now());
         producer.publish(&m).await.expect("publish");
     }
 
@@ -373,7 +373,13 @@ async fn mailhook_worker_stores_what_python_sends() {
         expected += rows.len();
         message_ids.extend(rows.into_iter().map(|r| r.id_externo));
     }
-    let ids = send_task(&venv, &amqp, &queue, queue::celery::DEFAULT_TASK, &payloads);
+    let ids = send_task(
+        &venv,
+        &amqp,
+        &queue,
+        mailhook::config::DEFAULT_TASK,
+        &payloads,
+    );
     assert_eq!(ids.len(), payloads.len());
     common::wait_for_rows(&app.store, expected as i64).await;
     for id in &message_ids {

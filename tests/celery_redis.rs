@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::celery::{self as py, opened, post_many, PythonWorker, WorkerOpts};
+use mailhook::config::DEFAULT_TASK;
 use mailhook::config::{CommonArgs, ServeArgs};
-use mailhook::queue::celery::DEFAULT_TASK;
 use mailhook::queue::{self, Broker, BrokerConfig, TaskMessage};
 use mailhook::store::{self, Store};
 use serde_json::value::RawValue;

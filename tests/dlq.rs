@@ -58,11 +58,12 @@ async fn unprocessable_messages_are_dead_lettered_and_replayable() {
     let (b, s) = setup(dir.path()).await;
     let good = example("opened");
     let unknown = TaskMessage::for_payload("someone.elses_task", good.as_bytes(), Utc::now());
-    let mut garbage = TaskMessage::for_payload(queue::celery::DEFAULT_TASK, b"{}", Utc::now());
+    let mut garbage = TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, b"{}", Utc::now());
     garbage.body = b"not json at all".to_vec().into();
     let not_callback =
-        TaskMessage::for_payload(queue::celery::DEFAULT_TASK, b"{\"a\":1}", Utc::now());
-    let fine = TaskMessage::for_payload(queue::celery::DEFAULT_TASK, good.as_bytes(), Utc::now());
+        TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, b"{\"a\":1}", Utc::now());
+    let fine =
+        TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, good.as_bytes(), Utc::now());
     for m in [&unknown, &garbage, &not_callback, &fine] {
         b.publish(m).await.expect("publish");
     }
@@ -118,7 +119,7 @@ async fn a_message_that_keeps_failing_is_dead_lettered_after_max_attempts() {
         .await
         .expect("drop");
     let m = TaskMessage::for_payload(
-        queue::celery::DEFAULT_TASK,
+        mailhook::config::DEFAULT_TASK,
         example("clicked").as_bytes(),
         Utc::now(),
     );
@@ -174,7 +175,7 @@ async fn one_refused_message_does_not_hold_back_its_batch() {
     ];
     let mut ids = Vec::new();
     for p in &payloads {
-        let m = TaskMessage::for_payload(queue::celery::DEFAULT_TASK, p.as_bytes(), Utc::now());
+        let m = TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, p.as_bytes(), Utc::now());
         b.publish(&m).await.expect("publish");
         ids.push(m.id);
     }

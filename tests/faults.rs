@@ -34,7 +34,7 @@ async fn full_queue_disk_answers_503_then_recovers() {
         Arc::new(SqliteBroker::open_with(&cfg, opts).await.expect("open"));
     let state = AppState {
         broker: broker.clone(),
-        task_name: mailhook::queue::celery::DEFAULT_TASK.into(),
+        task_name: mailhook::config::DEFAULT_TASK.into(),
         queue: "email-webhook".into(),
         body_limit: 1 << 20,
         in_flight: Arc::new(tokio::sync::Semaphore::new(64)),

@@ -11,7 +11,11 @@ use mailhook::queue::{self, Broker, BrokerConfig, TaskMessage};
 
 fn msg(n: usize) -> TaskMessage {
     let payload = format!(r#"{{"notificationType":"OPENED","messageId":"m-{n}"}}"#);
-    TaskMessage::for_payload(queue::celery::DEFAULT_TASK, payload.as_bytes(), Utc::now())
+    TaskMessage::for_payload(
+        mailhook::config::DEFAULT_TASK,
+        payload.as_bytes(),
+        Utc::now(),
+    )
 }
 
 /// Fetches until `n` deliveries arrived or the deadline passes.
@@ -395,8 +399,11 @@ mod redis {
             "x".repeat(6 << 20)
         );
         for _ in 0..4 {
-            let m =
-                TaskMessage::for_payload(queue::celery::DEFAULT_TASK, big.as_bytes(), Utc::now());
+            let m = TaskMessage::for_payload(
+                mailhook::config::DEFAULT_TASK,
+                big.as_bytes(),
+                Utc::now(),
+            );
             b.publish(&m).await.expect("publish");
         }
         let first = b.fetch(10, Duration::from_secs(2)).await.expect("fetch");

@@ -9,7 +9,6 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -24,82 +23,13 @@ use subtle::{Choice, ConstantTimeEq};
 use thiserror::Error;
 
 use super::error::ApiError;
-use crate::config::ServeArgs;
+use crate::secret::{BasicCredential, Secret};
 
 /// Standard base64, with or without padding: some HTTP clients leave it out.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
-
-/// A secret string whose `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself; only for comparing, never for logging.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = CredentialError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() {
-            return Err(CredentialError::EmptySecret);
-        }
-        Ok(Secret(s.to_owned()))
-    }
-}
-
-/// One accepted HTTP Basic pair, written `USER:PASSWORD`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BasicCredential {
-    /// The user name (not secret: it may appear in `Debug`).
-    pub user: String,
-    /// The password.
-    pub password: Secret,
-}
-
-impl FromStr for BasicCredential {
-    type Err = CredentialError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        // RFC 7617: the user id cannot contain a colon, the password can.
-        let (user, password) = s.split_once(':').ok_or(CredentialError::NoColon)?;
-        if user.is_empty() {
-            return Err(CredentialError::EmptyUser);
-        }
-        if password.is_empty() {
-            return Err(CredentialError::EmptyPassword);
-        }
-        Ok(BasicCredential {
-            user: user.to_owned(),
-            password: Secret(password.to_owned()),
-        })
-    }
-}
-
-/// Why a configured credential is unusable. The messages never echo the value.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum CredentialError {
-    #[error("expected USER:PASSWORD, found no `:`")]
-    NoColon,
-    #[error("the user name before `:` is empty (expected USER:PASSWORD)")]
-    EmptyUser,
-    #[error("the password after `:` is empty (expected USER:PASSWORD)")]
-    EmptyPassword,
-    #[error("the secret is empty")]
-    EmptySecret,
-}
 
 /// Why a request was refused; logged, never echoed with any credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -154,19 +84,13 @@ impl Auth {
             header: header.filter(|_| !secrets.is_empty()).map(|name| {
                 (
                     name,
-                    secrets.iter().map(|s| digest(s.0.as_bytes())).collect(),
+                    secrets
+                        .iter()
+                        .map(|s| digest(s.expose().as_bytes()))
+                        .collect(),
                 )
             }),
         }
-    }
-
-    /// The checker configured by `mailhook serve`'s flags.
-    pub fn from_args(args: &ServeArgs) -> Self {
-        Auth::new(
-            &args.basic_auth,
-            args.auth_header.clone(),
-            &args.auth_secret,
-        )
     }
 
     /// True when no authentication is configured: anyone may post.
@@ -254,6 +178,7 @@ pub async fn require(State(auth): State<Arc<Auth>>, req: Request, next: Next) ->
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use std::str::FromStr;
 
     fn basic(user_pass: &str) -> HeaderValue {
         HeaderValue::from_str(&format!("Basic {}", BASE64.encode(user_pass))).expect("header")
@@ -269,26 +194,6 @@ mod tests {
             h.append(HeaderName::from_str(k).expect("name"), v.clone());
         }
         h
-    }
-
-    #[test]
-    fn parses_pairs_and_refuses_bad_ones() {
-        let c: BasicCredential = "infobip:pa:ss".parse().expect("pair");
-        assert_eq!(c.user, "infobip");
-        assert_eq!(c.password.expose(), "pa:ss");
-        assert_eq!(
-            "nocolon".parse::<BasicCredential>(),
-            Err(CredentialError::NoColon)
-        );
-        assert_eq!(
-            ":pass".parse::<BasicCredential>(),
-            Err(CredentialError::EmptyUser)
-        );
-        assert_eq!(
-            "user:".parse::<BasicCredential>(),
-            Err(CredentialError::EmptyPassword)
-        );
-        assert_eq!("".parse::<Secret>(), Err(CredentialError::EmptySecret));
     }
 
     #[test]

@@ -12,9 +12,6 @@ use serde_json::{Map, Value};
 use crate::json::{self, Obj};
 use thiserror::Error;
 
-/// Default Celery task name for a callback.
-pub const DEFAULT_TASK: &str = "mailhook.process_email_callback";
-
 /// A Celery task message ready to publish.
 #[derive(Debug, Clone)]
 pub struct TaskMessage {
@@ -162,6 +159,8 @@ mod tests {
     use chrono::TimeZone;
     use serde_json::json;
 
+    const TASK: &str = "mailhook.process_email_callback";
+
     #[test]
     fn body_round_trips_and_matches_celery_shape() {
         let at = Utc
@@ -169,7 +168,7 @@ mod tests {
             .single()
             .expect("time");
         let payload = br#"{"notificationType": "OPENED", "messageId": "m"}"#;
-        let msg = TaskMessage::for_payload(DEFAULT_TASK, payload, at);
+        let msg = TaskMessage::for_payload(TASK, payload, at);
         let v: Value = serde_json::from_slice(&msg.body).expect("body is JSON");
         assert_eq!(
             v,
@@ -186,7 +185,7 @@ mod tests {
         );
         assert_eq!(args.received_at, Some(at));
         let h = msg.headers();
-        assert_eq!(h["task"], DEFAULT_TASK);
+        assert_eq!(h["task"], TASK);
         assert_eq!(h["id"], msg.id.as_str());
         assert_eq!(h["root_id"], msg.id.as_str());
         assert_eq!(h["lang"], "py");

@@ -125,7 +125,7 @@ impl WorkerOpts {
         WorkerOpts {
             broker_url: broker_url.to_owned(),
             queue: queue.to_owned(),
-            task_name: mailhook::queue::celery::DEFAULT_TASK.to_owned(),
+            task_name: mailhook::config::DEFAULT_TASK.to_owned(),
             visibility_timeout: 3600,
             env: Vec::new(),
         }

@@ -49,7 +49,7 @@ pub fn sqlite_common(dir: &Path) -> CommonArgs {
         database_url: format!("sqlite://{}", dir.join("mailhook.db").display()),
         broker_url: None,
         queue: "email-webhook".into(),
-        task_name: mailhook::queue::celery::DEFAULT_TASK.into(),
+        task_name: mailhook::config::DEFAULT_TASK.into(),
         visibility_timeout: Some(5),
     }
 }
