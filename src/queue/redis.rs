@@ -14,6 +14,8 @@
 //!   which is how deliveries are counted. A message restored by a Python worker is not counted.
 //! - Dead letters are JSON records on the list `<queue>.dlq`.
 //!
+//! The Lua scripts that make each step atomic are in `redis/*.lua`.
+//!
 //! Limits: only priority 0 (the plain list) is consumed; kombu's `global_keyprefix` is not
 //! supported; scripts touch keys they read from messages, so Redis Cluster is not supported.
 
@@ -81,90 +83,23 @@ struct DeliveryInfo<'a> {
     routing_key: &'a str,
 }
 
-/// Pops up to ARGV[1] envelopes (and about ARGV[4] bytes: at least one) from KEYS[1] and
-/// records each as unacked, atomically. Returns `[tag, envelope, tag, envelope, ...]`.
-const FETCH: &str = r#"
-local out = {}
-local bytes = 0
-for i = 1, tonumber(ARGV[1]) do
-  if bytes >= tonumber(ARGV[4]) then break end
-  local env = redis.call('RPOP', KEYS[1])
-  if not env then break end
-  bytes = bytes + #env
-  local tag, ex, rk = nil, '', KEYS[1]
-  local ok, m = pcall(cjson.decode, env)
-  local entry
-  if ok and type(m) == 'table' then
-    local p = m['properties']
-    if type(p) == 'table' then
-      if type(p['delivery_tag']) == 'string' and p['delivery_tag'] ~= '' then
-        tag = p['delivery_tag']
-      end
-      local di = p['delivery_info']
-      if type(di) == 'table' then
-        if type(di['exchange']) == 'string' then ex = di['exchange'] end
-        if type(di['routing_key']) == 'string' then rk = di['routing_key'] end
-      end
-    end
-    -- kombu stores [message, exchange, routing_key]; the envelope is kept byte for byte.
-    entry = '[' .. env .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']'
-  else
-    -- Not JSON: keep it as a JSON string so the entry stays readable; our worker dead-letters it.
-    entry = cjson.encode({env, ex, rk})
-  end
-  if not tag then tag = ARGV[3] .. i end
-  redis.call('ZADD', KEYS[2], ARGV[2], tag)
-  redis.call('HSET', KEYS[3], tag, entry)
-  out[#out + 1] = tag
-  out[#out + 1] = env
-end
-return out
-"#;
+/// Pops and records up to a batch of envelopes, atomically (see the file).
+const FETCH: &str = include_str!("redis/fetch.lua");
 
-/// Moves one expired unacked entry back to a queue, unless someone acked, retried or restored
-/// it since we read it. KEYS: unacked, unacked_index, target queue; ARGV: tag, envelope, ceiling.
-const RESTORE: &str = r#"
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 or (score and tonumber(score) > tonumber(ARGV[3])) then
-  return 0
-end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[3], ARGV[2])
-return 1
-"#;
+/// Moves one expired unacked entry back to its queue, unless it was settled meanwhile.
+const RESTORE: &str = include_str!("redis/restore.lua");
 
 /// Drops an orphan index entry (no envelope in `unacked`), as kombu's restore does.
-const DROP_ORPHAN: &str = r#"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-end
-return 0
-"#;
+const DROP_ORPHAN: &str = include_str!("redis/drop_orphan.lua");
 
-/// Dead-letters one unacked message: push the record and ack, only if it is still unacked.
-/// KEYS: unacked, unacked_index, dlq; ARGV: tag, record.
-const DEAD_LETTER: &str = r#"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[3], ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[1], ARGV[1])
-return 1
-"#;
+/// Dead-letters one unacked message: pushes the record and acks, only if still unacked.
+const DEAD_LETTER: &str = include_str!("redis/dead_letter.lua");
 
-/// Replays one dead letter: remove the record, publish the envelope. KEYS: dlq, queue;
-/// ARGV: record, envelope.
-const REPLAY: &str = r#"
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[2])
-return 1
-"#;
+/// Replays one dead letter: removes the record, publishes the envelope.
+const REPLAY: &str = include_str!("redis/replay.lua");
 
 /// Releases the restore lock only if we still hold it (as redis-py's `Lock.release`).
-const UNLOCK: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
+const UNLOCK: &str = include_str!("redis/unlock.lua");
 
 /// A Celery-compatible queue on Redis.
 pub struct RedisBroker {

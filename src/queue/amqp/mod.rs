@@ -1,0 +1,307 @@
+//! RabbitMQ (AMQP 0.9.1) backend, speaking Celery's protocol v2 so Python Celery can share the queue.
+//!
+//! Topology is declared exactly as kombu declares a Celery queue created by name (exchange `<queue>`
+//! direct durable, queue `<queue>` durable with no arguments, bound with routing key `<queue>`):
+//! any difference makes RabbitMQ answer 406 PRECONDITION_FAILED to whichever side declares second.
+//! Like Celery's `send_task(..., queue=...)`, we publish to the default exchange `""` with the
+//! queue name as routing key.
+//!
+//! Durability: a publish returns Ok only after RabbitMQ's publisher confirm (and `mandatory`, so a
+//! message that reaches no queue is an error, not a silent drop). Consumption uses manual acks with
+//! `basic_qos(prefetch)`: an unacked message goes back to the queue when our channel or connection
+//! closes, which is how a crashed worker's batch is redelivered.
+//!
+//! Delivery tags are only valid on the channel that received them, so our tags are
+//! `<consumer generation>:<delivery tag>`; a tag from a consumer channel that has since been lost
+//! is never sent on a new channel (RabbitMQ would close it with PRECONDITION_FAILED), and its
+//! message has been requeued by RabbitMQ anyway.
+//!
+//! The pieces: [`session`] keeps one connection alive (reconnecting with backoff) and publishes
+//! with confirms; [`consumer`] tracks what the consumer channel holds unacked; [`dlq`] scans the
+//! dead-letter queue; [`convert`] turns Celery's JSON headers into AMQP field tables and back.
+
+mod consumer;
+mod convert;
+mod dlq;
+mod session;
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{SecondsFormat, Utc};
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
+use tokio_util::sync::CancellationToken;
+
+use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
+use consumer::{lost_channel, parse_tag, ConsumerSlot, Link};
+use convert::{task_properties, with_headers};
+use dlq::dead_letter_of;
+use session::{close_in_background, supervise, Backoff, Session};
+
+/// Header counting the deliveries made before this copy was published (bumped on retry).
+pub const ATTEMPTS_HEADER: &str = "x-mailhook-attempts";
+/// Header carrying why a dead letter was given up on.
+pub const REASON_HEADER: &str = "x-mailhook-reason";
+/// Header carrying when a dead letter was given up on (RFC 3339, UTC).
+pub const FAILED_AT_HEADER: &str = "x-mailhook-failed-at";
+
+impl From<lapin::Error> for QueueError {
+    fn from(e: lapin::Error) -> Self {
+        QueueError::Unavailable(format!("RabbitMQ: {e}"))
+    }
+}
+
+/// A RabbitMQ queue used the way Celery uses it.
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+/// State shared with the background tasks (supervisor, delayed retries).
+struct Inner {
+    url: String,
+    queue: String,
+    dlq: String,
+    prefetch: u16,
+    /// The live connection; replaced by [`Inner::session`] when it drops.
+    session: RwLock<Option<Arc<Session>>>,
+    /// Serializes reconnection attempts and holds their backoff.
+    reconnect: tokio::sync::Mutex<Backoff>,
+    /// The consumer, created lazily by the first fetch; its lock is held while a fetch waits.
+    consumer: tokio::sync::Mutex<Option<ConsumerSlot>>,
+    /// What acks need, kept apart from `consumer` so an ack never waits behind a fetch.
+    link: Mutex<Link>,
+    /// Serializes DLQ maintenance (list/replay), which holds DLQ messages unacked while it scans.
+    dlq_ops: tokio::sync::Mutex<()>,
+    generation: AtomicU64,
+    /// Fired when the broker is dropped: background tasks stop, nothing reconnects.
+    stop: CancellationToken,
+}
+
+impl AmqpBroker {
+    /// Connects, declares the Celery-compatible topology and the DLQ, and starts the supervisor
+    /// that reconnects after a connection loss.
+    pub async fn open(cfg: &BrokerConfig) -> Result<Self, QueueError> {
+        let inner = Arc::new(Inner {
+            url: cfg.url.clone(),
+            queue: cfg.queue.clone(),
+            dlq: cfg.dlq(),
+            prefetch: cfg.prefetch.max(1),
+            session: RwLock::new(None),
+            reconnect: tokio::sync::Mutex::new(Backoff::default()),
+            consumer: tokio::sync::Mutex::new(None),
+            link: Mutex::new(Link::default()),
+            dlq_ops: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        });
+        inner.session().await?;
+        tokio::spawn(supervise(Arc::downgrade(&inner), inner.stop.clone()));
+        Ok(AmqpBroker { inner })
+    }
+}
+
+impl Drop for AmqpBroker {
+    /// Closes the connection now, so RabbitMQ requeues whatever we held unacked, and stops the
+    /// background tasks (a pending delayed retry leaves its message unacked, hence requeued).
+    fn drop(&mut self) {
+        self.inner.stop.cancel();
+        if let Ok(mut slot) = self.inner.consumer.try_lock() {
+            slot.take();
+        }
+        if let Ok(mut link) = self.inner.link.lock() {
+            link.channel = None;
+            link.held.clear();
+        }
+        let session = self.inner.session.write().ok().and_then(|mut s| s.take());
+        if let Some(session) = session {
+            close_in_background(session);
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
+        self.inner
+            .publish_confirmed(&self.inner.queue, &msg.body, task_properties(msg))
+            .await
+    }
+
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut slot = self.inner.consumer.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|s| !s.channel.status().connected())
+        {
+            *slot = None;
+        }
+        let current = match slot.as_mut() {
+            Some(s) => s,
+            None => slot.insert(self.inner.start_consumer().await?),
+        };
+        let generation = current.generation;
+        let mut item = match tokio::time::timeout(wait, current.consumer.next()).await {
+            Ok(item) => item,
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        loop {
+            match item {
+                Some(Ok(d)) => out.push(self.inner.track(generation, d)?),
+                Some(Err(e)) => {
+                    *slot = None;
+                    if out.is_empty() {
+                        return Err(e.into());
+                    }
+                    break;
+                }
+                None => {
+                    // RabbitMQ cancelled the consumer (queue deleted?): start over next time.
+                    *slot = None;
+                    if out.is_empty() {
+                        return Err(QueueError::Unavailable(
+                            "RabbitMQ cancelled the consumer".into(),
+                        ));
+                    }
+                    break;
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+            let Some(current) = slot.as_mut() else { break };
+            match current.consumer.next().now_or_never() {
+                Some(next) => item = next,
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+        let (tags, stale) = self.inner.current_tags(deliveries)?;
+        self.inner.ack_tags(&tags).await?;
+        if stale > 0 {
+            return Err(QueueError::Unavailable(format!(
+                "{stale} deliveries belong to a lost consumer channel; RabbitMQ redelivers them"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The copy is republished after `delay` by a background task; until then the original stays
+    /// unacked (keeping its prefetch slot, which also slows consumption while the store fails).
+    /// If we die first, RabbitMQ redelivers the original.
+    async fn retry(&self, deliveries: &[Delivery], delay: Duration) -> Result<(), QueueError> {
+        let mut held = Vec::with_capacity(deliveries.len());
+        {
+            let link = self.inner.lock_link()?;
+            for d in deliveries {
+                if let Some((g, tag)) = parse_tag(&d.tag) {
+                    if g == link.generation {
+                        if let Some(props) = link.held.get(&tag) {
+                            held.push((tag, props.clone(), d.clone()));
+                        }
+                    }
+                }
+                // Otherwise its channel is gone and RabbitMQ has requeued it already.
+            }
+        }
+        if held.is_empty() {
+            return Ok(());
+        }
+        let inner = self.inner.clone();
+        let stop = inner.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            inner.republish_then_ack(held).await;
+        });
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+        let (tags, stale) = self.inner.current_tags(std::slice::from_ref(delivery))?;
+        let Some(&tag) = tags.first() else {
+            debug_assert!(stale > 0);
+            return Err(lost_channel());
+        };
+        let props = with_headers(self.inner.held_props(tag)?, |h| {
+            h.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+            h.insert(
+                ATTEMPTS_HEADER.into(),
+                AMQPValue::LongLongInt(i64::from(delivery.attempts)),
+            );
+            h.insert(
+                FAILED_AT_HEADER.into(),
+                AMQPValue::LongString(
+                    Utc::now()
+                        .to_rfc3339_opts(SecondsFormat::Millis, true)
+                        .into(),
+                ),
+            );
+        });
+        self.inner
+            .publish_confirmed(&self.inner.dlq, &delivery.body, props)
+            .await?;
+        self.inner.ack_tags(&[tag]).await
+    }
+
+    /// Reads dead letters with `basic_get` without acking them on a private channel, then closes
+    /// it so RabbitMQ puts them back where they were. While a listing runs, those messages are
+    /// invisible to other DLQ readers; a crash during it requeues them too, so nothing is lost.
+    async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let _one_at_a_time = self.inner.dlq_ops.lock().await;
+        let session = self.inner.session().await?;
+        let ch = session.conn.create_channel().await?;
+        let listed = async {
+            let mut out = Vec::new();
+            while out.len() < limit {
+                match ch
+                    .basic_get(&self.inner.dlq, BasicGetOptions { no_ack: false })
+                    .await?
+                {
+                    Some(m) => out.push(dead_letter_of(&m.delivery)),
+                    None => break,
+                }
+            }
+            Ok::<_, QueueError>(out)
+        }
+        .await;
+        let _ = ch.close(200, "dlq listed").await;
+        listed
+    }
+
+    /// `id` is the task id.
+    async fn dlq_replay(&self, id: Option<&str>) -> Result<u64, QueueError> {
+        match id {
+            None => self.inner.replay_where(|_| true, false).await,
+            Some(id) => match self.inner.replay_where(|t| t == id, true).await? {
+                0 => Err(QueueError::NotFound(id.to_owned())),
+                n => Ok(n),
+            },
+        }
+    }
+
+    async fn dlq_replay_many(&self, ids: &[String]) -> Result<u64, QueueError> {
+        let mut wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        self.inner.replay_where(|t| wanted.remove(t), false).await
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.inner.session().await.map(|_| ())
+    }
+}
