@@ -1,27 +1,27 @@
 //! Messages the worker can never store go to `email-webhook.dlq` with a reason, and
 //! `mailhook dlq list` / `mailhook dlq replay` bring them back.
 
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::*;
-use mailhook::queue::{self, Broker, BrokerConfig, TaskMessage};
+use mailhook::config::DEFAULT_TASK;
+use mailhook::queue::{self, Broker, TaskMessage};
 use mailhook::store::{self, Store};
 use mailhook::worker::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::common::brokers::broker_cfg;
+use crate::common::{binary, eventually, example, wait_for_rows};
+
+/// The queue and the table where `mailhook` run with `DATABASE_URL` set to `dir/mailhook.db`
+/// (and no broker URL) finds them.
 async fn setup(dir: &std::path::Path) -> (Arc<dyn Broker>, Arc<dyn Store>) {
-    let cfg = BrokerConfig {
-        url: format!("sqlite://{}", dir.join("mailhook-queue.db").display()),
-        queue: "email-webhook".into(),
-        visibility_timeout: Duration::from_secs(5),
-        prefetch: 64,
-    };
-    let b = queue::connect(&cfg).await.expect("broker");
+    let url = format!("sqlite://{}", dir.join("mailhook-queue.db").display());
+    let b = queue::connect(&broker_cfg(&url, "email-webhook", Duration::from_secs(5)))
+        .await
+        .expect("broker");
     let s = store::connect(
         &format!("sqlite://{}", dir.join("mailhook.db").display()),
         2,
@@ -30,6 +30,12 @@ async fn setup(dir: &std::path::Path) -> (Arc<dyn Broker>, Arc<dyn Store>) {
     .expect("store");
     s.migrate().await.expect("migrate");
     (b, s)
+}
+
+/// A connection to the database behind the store, to break the table under the worker.
+async fn table(dir: &std::path::Path) -> sqlx::SqlitePool {
+    let url = format!("sqlite://{}", dir.join("mailhook.db").display());
+    sqlx::SqlitePool::connect(&url).await.expect("pool")
 }
 
 fn cli(dir: &std::path::Path, args: &[&str]) -> String {
@@ -58,12 +64,10 @@ async fn unprocessable_messages_are_dead_lettered_and_replayable() {
     let (b, s) = setup(dir.path()).await;
     let good = example("opened");
     let unknown = TaskMessage::for_payload("someone.elses_task", good.as_bytes(), Utc::now());
-    let mut garbage = TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, b"{}", Utc::now());
+    let mut garbage = TaskMessage::for_payload(DEFAULT_TASK, b"{}", Utc::now());
     garbage.body = b"not json at all".to_vec().into();
-    let not_callback =
-        TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, b"{\"a\":1}", Utc::now());
-    let fine =
-        TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, good.as_bytes(), Utc::now());
+    let not_callback = TaskMessage::for_payload(DEFAULT_TASK, b"{\"a\":1}", Utc::now());
+    let fine = TaskMessage::for_payload(DEFAULT_TASK, good.as_bytes(), Utc::now());
     for m in [&unknown, &garbage, &not_callback, &fine] {
         b.publish(m).await.expect("publish");
     }
@@ -108,21 +112,12 @@ async fn a_message_that_keeps_failing_is_dead_lettered_after_max_attempts() {
     let dir = tempfile::tempdir().expect("dir");
     let (b, s) = setup(dir.path()).await;
     // The table is gone: every insert fails, as a permanently broken database would.
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("mailhook.db").display()
-    ))
-    .await
-    .expect("pool");
+    let pool = table(dir.path()).await;
     sqlx::query("DROP TABLE email_callback")
         .execute(&pool)
         .await
         .expect("drop");
-    let m = TaskMessage::for_payload(
-        mailhook::config::DEFAULT_TASK,
-        example("clicked").as_bytes(),
-        Utc::now(),
-    );
+    let m = TaskMessage::for_payload(DEFAULT_TASK, example("clicked").as_bytes(), Utc::now());
     b.publish(&m).await.expect("publish");
     let cfg = WorkerConfig {
         max_attempts: 3,
@@ -152,12 +147,7 @@ async fn a_message_that_keeps_failing_is_dead_lettered_after_max_attempts() {
 async fn one_refused_message_does_not_hold_back_its_batch() {
     let dir = tempfile::tempdir().expect("dir");
     let (b, s) = setup(dir.path()).await;
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("mailhook.db").display()
-    ))
-    .await
-    .expect("pool");
+    let pool = table(dir.path()).await;
     // The database refuses one message's data, as a constraint would.
     sqlx::query(
         "CREATE TRIGGER refuse_poison BEFORE INSERT ON email_callback \
@@ -175,7 +165,7 @@ async fn one_refused_message_does_not_hold_back_its_batch() {
     ];
     let mut ids = Vec::new();
     for p in &payloads {
-        let m = TaskMessage::for_payload(mailhook::config::DEFAULT_TASK, p.as_bytes(), Utc::now());
+        let m = TaskMessage::for_payload(DEFAULT_TASK, p.as_bytes(), Utc::now());
         b.publish(&m).await.expect("publish");
         ids.push(m.id);
     }

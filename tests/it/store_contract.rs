@@ -1,6 +1,4 @@
-//! One contract, every database: the same functions run against SQLite and PostgreSQL.
-
-mod common;
+//! One contract, every database: the same functions run against SQLite, PostgreSQL and MariaDB.
 
 use std::sync::Arc;
 
@@ -11,14 +9,17 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::Connection;
 
+use crate::common::databases::{mysql_database, pg_database};
+use crate::common::{example, EXAMPLES};
+
 fn rows_of(name: &str) -> Vec<mailhook::infobip::NewCallback> {
-    let payload: Box<RawValue> = serde_json::from_str(&common::example(name)).expect("json");
+    let payload: Box<RawValue> = serde_json::from_str(&example(name)).expect("json");
     normalize(&payload, Utc::now()).expect("valid")
 }
 
 /// Every example's rows round-trip through the table column for column.
 pub async fn examples_round_trip(s: Arc<dyn Store>) {
-    for name in common::EXAMPLES {
+    for name in EXAMPLES {
         let rows = rows_of(name);
         assert_eq!(
             s.insert_batch(&rows).await.expect("insert"),
@@ -182,32 +183,51 @@ macro_rules! fill_first_schema {
     }};
 }
 
+/// A store for one test, with the temp dir its SQLite file lives in (removed when dropped).
+pub struct TestStore {
+    store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestStore {
+    fn new(store: Arc<dyn Store>) -> Option<Self> {
+        Some(TestStore { store, _dir: None })
+    }
+}
+
+/// A temp dir and the URL of a SQLite file in it.
+fn sqlite_file() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    (dir, url)
+}
+
 macro_rules! store_suite {
     ($make:path, $make_old:path, $exact:expr) => {
         #[tokio::test]
         async fn upgrade_keeps_rows() {
             let Some(s) = $make_old().await else { return };
-            super::upgrade_keeps_rows(s, $exact).await;
+            super::upgrade_keeps_rows(s.store.clone(), $exact).await;
         }
         #[tokio::test]
         async fn examples_round_trip() {
             let Some(s) = $make().await else { return };
-            super::examples_round_trip(s).await;
+            super::examples_round_trip(s.store.clone()).await;
         }
         #[tokio::test]
         async fn insert_is_idempotent() {
             let Some(s) = $make().await else { return };
-            super::insert_is_idempotent(s, $exact).await;
+            super::insert_is_idempotent(s.store.clone(), $exact).await;
         }
         #[tokio::test]
         async fn large_batch() {
             let Some(s) = $make().await else { return };
-            super::large_batch(s).await;
+            super::large_batch(s.store.clone()).await;
         }
         #[tokio::test]
         async fn awkward_text() {
             let Some(s) = $make().await else { return };
-            super::awkward_text(s).await;
+            super::awkward_text(s.store.clone()).await;
         }
     };
 }
@@ -215,21 +235,24 @@ macro_rules! store_suite {
 mod sqlite {
     use super::*;
 
-    async fn make() -> Option<Arc<dyn Store>> {
-        // The directory lives as long as the test process; each store gets its own.
-        let dir = Box::leak(Box::new(tempfile::tempdir().expect("dir")));
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let s = store::connect(&url, 2).await.expect("sqlite");
-        s.migrate().await.expect("migrate");
-        Some(s)
+    async fn make() -> Option<TestStore> {
+        let (dir, url) = sqlite_file();
+        let store = store::connect(&url, 2).await.expect("sqlite");
+        store.migrate().await.expect("migrate");
+        Some(TestStore {
+            store,
+            _dir: Some(dir),
+        })
     }
 
-    async fn make_old() -> Option<Arc<dyn Store>> {
-        let dir = Box::leak(Box::new(tempfile::tempdir().expect("dir")));
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    async fn make_old() -> Option<TestStore> {
+        let (dir, url) = sqlite_file();
         let opts = mailhook::sqlite::connect_options(&url).expect("url");
         fill_first_schema!(sqlx::SqliteConnection::connect_with(&opts), "sqlite");
-        Some(store::connect(&url, 2).await.expect("sqlite"))
+        Some(TestStore {
+            store: store::connect(&url, 2).await.expect("sqlite"),
+            _dir: Some(dir),
+        })
     }
 
     store_suite!(make, make_old, true);
@@ -238,17 +261,17 @@ mod sqlite {
 mod postgres {
     use super::*;
 
-    async fn make() -> Option<Arc<dyn Store>> {
-        let url = common::pg_database().await?;
+    async fn make() -> Option<TestStore> {
+        let url = pg_database().await?;
         let s = store::connect(&url, 2).await.expect("postgres");
         s.migrate().await.expect("migrate");
-        Some(s)
+        TestStore::new(s)
     }
 
-    async fn make_old() -> Option<Arc<dyn Store>> {
-        let url = common::pg_database().await?;
+    async fn make_old() -> Option<TestStore> {
+        let url = pg_database().await?;
         fill_first_schema!(sqlx::PgConnection::connect(&url), "postgres");
-        Some(store::connect(&url, 2).await.expect("postgres"))
+        TestStore::new(store::connect(&url, 2).await.expect("postgres"))
     }
 
     store_suite!(make, make_old, true);
@@ -257,17 +280,17 @@ mod postgres {
 mod mysql {
     use super::*;
 
-    async fn make() -> Option<Arc<dyn Store>> {
-        let url = common::mysql_database().await?;
+    async fn make() -> Option<TestStore> {
+        let url = mysql_database().await?;
         let s = store::connect(&url, 2).await.expect("mysql");
         s.migrate().await.expect("migrate");
-        Some(s)
+        TestStore::new(s)
     }
 
-    async fn make_old() -> Option<Arc<dyn Store>> {
-        let url = common::mysql_database().await?;
+    async fn make_old() -> Option<TestStore> {
+        let url = mysql_database().await?;
         fill_first_schema!(sqlx::MySqlConnection::connect(&url), "mysql");
-        Some(store::connect(&url, 2).await.expect("mysql"))
+        TestStore::new(store::connect(&url, 2).await.expect("mysql"))
     }
 
     store_suite!(make, make_old, false);

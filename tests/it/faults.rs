@@ -2,30 +2,27 @@
 //! `Retry-After`, never a 2xx for something not stored; afterwards every accepted callback is
 //! stored once.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use mailhook::http::{router, AppState};
 use mailhook::queue::sqlite::SqliteBroker;
-use mailhook::queue::{Broker, BrokerConfig};
+use mailhook::queue::Broker;
 use mailhook::sqlite::connect_options;
 use mailhook::store;
 use mailhook::worker::{Worker, WorkerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::common::app::{serve_args, spawn_with, sqlite_common};
+use crate::common::brokers::broker_cfg;
+use crate::common::{eventually, example, wait_for_rows};
+
 #[tokio::test]
 async fn full_queue_disk_answers_503_then_recovers() {
     let dir = tempfile::tempdir().expect("dir");
-    let cfg = BrokerConfig {
-        url: format!("sqlite://{}", dir.path().join("q.db").display()),
-        queue: "email-webhook".into(),
-        visibility_timeout: Duration::from_secs(5),
-        prefetch: 64,
-    };
+    let url = format!("sqlite://{}", dir.path().join("q.db").display());
+    let cfg = broker_cfg(&url, "email-webhook", Duration::from_secs(5));
     // A queue file that may not grow past 64 pages of 4 KiB: the disk is "full" at 256 KiB.
     let opts = connect_options(&cfg.url)
         .expect("opts")
@@ -99,7 +96,7 @@ async fn full_queue_disk_answers_503_then_recovers() {
 #[tokio::test]
 async fn database_failure_is_retried_with_the_message_kept() {
     let dir = tempfile::tempdir().expect("dir");
-    let app = spawn_with(sqlite_common(dir.path()), serve_args()).await;
+    let app = spawn_with(sqlite_common(dir.path()), serve_args(&[])).await;
     // Break the table under the worker: inserts fail until it is back.
     let url = format!("sqlite://{}", dir.path().join("mailhook.db").display());
     let pool = sqlx::SqlitePool::connect(&url).await.expect("pool");

@@ -1,12 +1,13 @@
 //! PostgreSQL going away and coming back: callbacks keep being accepted (the queue holds them),
 //! the worker retries with backoff, reconnects by itself, and stores each one once.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use sqlx::Connection;
+
+use crate::common::app::{common_args, serve_args, spawn_with};
+use crate::common::databases::{pg_admin_url, pg_database};
+use crate::common::{eventually, example, wait_for_rows};
 
 #[tokio::test]
 async fn database_outage_delays_but_loses_nothing() {
@@ -14,12 +15,11 @@ async fn database_outage_delays_but_loses_nothing() {
         return;
     };
     let db_name = db_url.rsplit('/').next().expect("db name").to_owned();
-    let admin_url = std::env::var("MAILHOOK_TEST_POSTGRES").unwrap_or_else(|_| PG_DEFAULT.into());
+    let admin_url = pg_admin_url();
     let dir = tempfile::tempdir().expect("dir");
-    let mut common_args = sqlite_common(dir.path());
-    common_args.broker_url = Some(format!("sqlite://{}", dir.path().join("q.db").display()));
-    common_args.database_url = db_url.clone();
-    let app = spawn_with(common_args, serve_args()).await;
+    let queue_url = format!("sqlite://{}", dir.path().join("q.db").display());
+    let common = common_args(&["--database-url", &db_url, "--broker-url", &queue_url]);
+    let app = spawn_with(common, serve_args(&[])).await;
 
     assert_eq!(app.post(example("delivered")).await.status(), 202);
     wait_for_rows(&app.store, 1).await;

@@ -1,17 +1,20 @@
 //! Crash safety on the embedded default: `kill -9` under concurrent load, restart on the same
 //! files, and every callback that got a 2xx is stored exactly once.
 
-mod common;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use mailhook::store;
 use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::brokers::{amqp_url, broker_cfg, redis_url};
+use crate::common::databases::pg_database;
+use crate::common::{binary, eventually, unique_queue};
 
 /// A `mailhook` process on a free port, killed (SIGKILL) on drop.
 struct Proc {
@@ -66,42 +69,68 @@ async fn wait_healthy(client: &reqwest::Client, port: u16) {
     .await;
 }
 
-/// Posts unique tracking events from `clients` tasks until `stop`; returns the accepted ids.
-fn load(
-    port: u16,
-    clients: usize,
-    tag: &'static str,
-) -> (Arc<Mutex<Vec<String>>>, tokio_util::sync::CancellationToken) {
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let stop = tokio_util::sync::CancellationToken::new();
-    for c in 0..clients {
-        let accepted = accepted.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let url = format!("http://127.0.0.1:{port}/email");
-            let mut i = 0u64;
-            while !stop.is_cancelled() {
-                let id = format!("{tag}-{c}-{i}");
-                i += 1;
-                let body = json!({"notificationType": "OPENED", "messageId": id,
-                    "recipient": "a@b.c", "sendDateTime": 1721161444325_i64});
-                match client.post(&url).json(&body).send().await {
-                    Ok(r) if r.status() == 202 => accepted.lock().expect("lock").push(id),
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
-        });
-    }
-    (accepted, stop)
+/// Clients posting unique tracking events until stopped, keeping the ids answered 202.
+struct Load {
+    accepted: Arc<Mutex<Vec<String>>>,
+    stop: CancellationToken,
+    clients: JoinSet<()>,
 }
 
-async fn wait_accepted(n: usize, accepted: &Arc<Mutex<Vec<String>>>) {
-    eventually("load to get going", Duration::from_secs(30), || async {
-        (accepted.lock().expect("lock").len() >= n).then_some(())
-    })
-    .await;
+impl Load {
+    /// Starts `clients` tasks posting to `port`; ids are `<tag>-<client>-<n>`.
+    fn start(port: u16, clients: usize, tag: &'static str) -> Load {
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for c in 0..clients {
+            let accepted = accepted.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                // A request never outlives a dead server by much: it fails or times out.
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("client");
+                let url = format!("http://127.0.0.1:{port}/email");
+                let mut i = 0u64;
+                while !stop.is_cancelled() {
+                    let id = format!("{tag}-{c}-{i}");
+                    i += 1;
+                    let body = json!({"notificationType": "OPENED", "messageId": id,
+                        "recipient": "a@b.c", "sendDateTime": 1721161444325_i64});
+                    match client.post(&url).json(&body).send().await {
+                        Ok(r) if r.status() == 202 => accepted.lock().expect("lock").push(id),
+                        Ok(_) => {}
+                        // The server is down (killed, restarting): do not spin.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            });
+        }
+        Load {
+            accepted,
+            stop,
+            clients: tasks,
+        }
+    }
+
+    /// Waits until at least `n` callbacks were accepted.
+    async fn wait_accepted(&self, n: usize) {
+        eventually("load to get going", Duration::from_secs(30), || async {
+            (self.accepted.lock().expect("lock").len() >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the clients, waits until each has its last answer, and returns the accepted ids.
+    async fn stop(mut self) -> Vec<String> {
+        self.stop.cancel();
+        while let Some(r) = self.clients.join_next().await {
+            r.expect("load client");
+        }
+        let accepted = self.accepted.lock().expect("lock");
+        accepted.clone()
+    }
 }
 
 /// Every accepted id has exactly one row, and no id has more than one.
@@ -138,12 +167,10 @@ async fn kill_9_of_serve_under_load_loses_and_doubles_nothing() {
         let p = start(dir.path(), &["serve"], port);
         wait_healthy(&client, p.port).await;
         let tag = if round == 0 { "r0" } else { "r1" };
-        let (accepted, stop) = load(p.port, 32, tag);
-        wait_accepted(300 * (round + 1), &accepted).await;
+        let load = Load::start(p.port, 32, tag);
+        load.wait_accepted(300 * (round + 1)).await;
         drop(p); // SIGKILL while requests, commits and batches are in flight
-        stop.cancel();
-        tokio::time::sleep(Duration::from_millis(100)).await; // let the clients notice
-        all.extend(accepted.lock().expect("lock").iter().cloned());
+        all.extend(load.stop().await);
     }
     let p = start(dir.path(), &["serve"], port);
     wait_healthy(&client, p.port).await;
@@ -165,17 +192,34 @@ async fn kill_9_of_a_separate_worker_loses_and_doubles_nothing() {
         .status()
         .expect("migrate");
     assert!(migrate.success());
-    let (accepted, stop) = load(api.port, 16, "w");
+    let load = Load::start(api.port, 16, "w");
     let started = Instant::now();
+    let table = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("mailhook.db").display()
+    ))
+    .await
+    .expect("table");
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM email_callback")
+            .fetch_one(&table)
+            .await
+            .expect("count")
+    };
     for _ in 0..3 {
+        let before = rows().await;
         let worker = start(dir.path(), &["worker", "--prefetch", "64"], 0);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Killed once it has stored a batch, while the load keeps more coming: mid-batch.
+        eventually(
+            "the worker to store a batch",
+            Duration::from_secs(30),
+            || async { (rows().await > before).then_some(()) },
+        )
+        .await;
         drop(worker); // SIGKILL mid-batch
     }
-    wait_accepted(200, &accepted).await;
-    stop.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let accepted = accepted.lock().expect("lock").clone();
+    load.wait_accepted(200).await;
+    let accepted = load.stop().await;
     let _worker = start(dir.path(), &["worker"], 0);
     assert_stored_once(dir.path(), &accepted).await;
     assert!(started.elapsed() < Duration::from_secs(120));
@@ -187,8 +231,8 @@ async fn sigterm_drains_and_exits_zero() {
     let client = reqwest::Client::new();
     let mut p = start(dir.path(), &["serve"], free_port());
     wait_healthy(&client, p.port).await;
-    let (accepted, stop) = load(p.port, 8, "t");
-    wait_accepted(100, &accepted).await;
+    let load = Load::start(p.port, 8, "t");
+    load.wait_accepted(100).await;
     let pid = p.child.id().to_string();
     let term = Command::new("kill")
         .args(["-TERM", &pid])
@@ -206,9 +250,8 @@ async fn sigterm_drains_and_exits_zero() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    stop.cancel();
+    let accepted = load.stop().await;
     assert!(status.success(), "exit status {status:?}");
-    let accepted = accepted.lock().expect("lock").clone();
     let p2 = start(dir.path(), &["serve"], free_port());
     wait_healthy(&client, p2.port).await;
     assert_stored_once(dir.path(), &accepted).await;
@@ -287,23 +330,16 @@ async fn kill_9_of_an_api_node_on(broker_url: String) {
         .expect("spawn mailhook");
     let api = Proc { child, port };
     wait_healthy(&client, port).await;
-    let (accepted, stop) = load(port, 32, "api9");
-    wait_accepted(300, &accepted).await;
+    let load = Load::start(port, 32, "api9");
+    load.wait_accepted(300).await;
     drop(api); // SIGKILL with publishes in flight
-    stop.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let accepted = accepted.lock().expect("lock").clone();
+    let accepted = load.stop().await;
 
-    let cfg = mailhook::queue::BrokerConfig {
-        url: broker_url,
-        queue,
-        visibility_timeout: Duration::from_secs(3600),
-        prefetch: 256,
-    };
+    let cfg = broker_cfg(&broker_url, &queue, Duration::from_secs(3600));
     let broker = mailhook::queue::connect(&cfg).await.expect("broker");
     let s = store::connect(&pg, 2).await.expect("store");
     s.migrate().await.expect("migrate");
-    let halt = tokio_util::sync::CancellationToken::new();
+    let halt = CancellationToken::new();
     let worker = mailhook::worker::Worker::new(broker, s.clone(), Default::default());
     let handle = tokio::spawn(worker.run(halt.clone()));
     eventually(

@@ -1,10 +1,10 @@
 //! The API and worker together on SQLite: every example stored, redelivery adds nothing,
 //! bad input refused with a clear error and nothing stored.
 
-mod common;
-
-use common::*;
 use serde_json::{json, Value};
+
+use crate::common::app::spawn_app;
+use crate::common::{example, wait_for_rows, EXAMPLES};
 
 #[tokio::test]
 async fn every_example_is_stored() {

@@ -7,100 +7,60 @@
 //! share database 0; each test with a short timeout gets a database of its own, so it can never
 //! hand back another test's in-flight message.
 
-mod common;
-
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use common::celery::{self as py, opened, post_many, PythonWorker, WorkerOpts};
-use mailhook::config::DEFAULT_TASK;
-use mailhook::config::{CommonArgs, ServeArgs};
-use mailhook::queue::{self, Broker, BrokerConfig, TaskMessage};
-use mailhook::store::{self, Store};
-use serde_json::value::RawValue;
+use chrono::Utc;
+use mailhook::config::{CommonArgs, DEFAULT_TASK};
+use mailhook::queue::{self, TaskMessage};
 use serde_json::Value;
 
-/// `url` with its database number replaced by `db`.
-fn with_db(url: &str, db: u8) -> String {
-    match url.rsplit_once('/') {
-        Some((base, n)) if n.parse::<u8>().is_ok() => format!("{base}/{db}"),
-        _ => format!("{}/{db}", url.trim_end_matches('/')),
-    }
-}
+use crate::common::app::{common_args, serve_args, spawn_with, sqlite_common, TestApp};
+use crate::common::brokers::{
+    broker_cfg, cleanup_redis as cleanup, fetch_n, redis_conn, redis_db,
+    redis_ready as ready_count, redis_url,
+};
+use crate::common::celery::{self as py, post_many, PythonWorker, WorkerOpts};
+use crate::common::databases::pg_database;
+use crate::common::{eventually, example, opened, unique_queue, wait_for_rows};
 
 /// App settings: `database` for rows, Redis at `redis` on `queue`, kombu's visibility timeout
 /// unless `visibility` says otherwise.
 fn redis_common(database: &str, redis: &str, queue: &str, visibility: Option<u64>) -> CommonArgs {
-    CommonArgs {
-        database_url: database.to_owned(),
-        broker_url: Some(redis.to_owned()),
-        queue: queue.to_owned(),
-        task_name: DEFAULT_TASK.into(),
-        visibility_timeout: visibility,
+    let mut flags = vec![
+        "--database-url",
+        database,
+        "--broker-url",
+        redis,
+        "--queue",
+        queue,
+    ];
+    let visibility = visibility.map(|v| v.to_string());
+    if let Some(v) = &visibility {
+        flags.extend(["--visibility-timeout", v.as_str()]);
     }
+    common_args(&flags)
 }
 
 /// An API-only app on `queue`, with a throwaway SQLite store it never writes to.
-async fn api_only(dir: &std::path::Path, redis: &str, queue: &str) -> common::TestApp {
+async fn api_only(dir: &std::path::Path, redis: &str, queue: &str) -> TestApp {
     let db = format!("sqlite://{}", dir.join("unused.db").display());
-    let args = ServeArgs {
-        no_worker: true,
-        ..common::serve_args()
-    };
-    common::spawn_with(redis_common(&db, redis, queue, None), args).await
-}
-
-fn broker_cfg(redis: &str, queue: &str, visibility: Duration) -> BrokerConfig {
-    BrokerConfig {
-        url: redis.to_owned(),
-        queue: queue.to_owned(),
-        visibility_timeout: visibility,
-        prefetch: 256,
-    }
-}
-
-async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis connection")
-}
-
-/// Messages waiting on the queue's list.
-async fn ready_count(url: &str, queue: &str) -> i64 {
-    redis::cmd("LLEN")
-        .arg(queue)
-        .query_async(&mut redis_conn(url).await)
-        .await
-        .expect("LLEN")
-}
-
-/// Removes the test's keys so runs do not pile up on the server.
-async fn cleanup(url: &str, queue: &str) {
-    let _: Result<(), _> = redis::cmd("DEL")
-        .arg(queue)
-        .arg(format!("{queue}.dlq"))
-        .arg(format!("_kombu.binding.{queue}"))
-        .arg(format!("_kombu.binding_permanent.{queue}"))
-        .query_async(&mut redis_conn(url).await)
-        .await;
+    spawn_with(
+        redis_common(&db, redis, queue, None),
+        serve_args(&["--no-worker"]),
+    )
+    .await
 }
 
 /// The harness itself: Python's producer reaches Python's worker on a fresh queue.
 #[tokio::test]
 async fn python_harness_round_trip() {
-    let Some(redis) = common::redis_url().await else {
+    let Some((redis, venv)) = redis_python().await else {
         return;
     };
-    let Some(venv) = py::ensure_venv() else {
-        return;
-    };
-    let queue = common::unique_queue("py-harness");
+    let queue = unique_queue("py-harness");
     let worker = PythonWorker::start(&venv, &WorkerOpts::new(&redis, &queue)).await;
-    let payload = common::example("opened");
+    let payload = example("opened");
     let ids = py::send_task(
         &venv,
         &redis,
@@ -120,61 +80,29 @@ async fn python_harness_round_trip() {
 /// payloads, and the API's receive time as `received_at`.
 #[tokio::test]
 async fn python_worker_receives_what_the_api_publishes() {
-    let Some(redis) = common::redis_url().await else {
+    let Some((redis, venv)) = redis_python().await else {
         return;
     };
-    let Some(venv) = py::ensure_venv() else {
-        return;
-    };
-    let queue = common::unique_queue("redis-py-consumes");
+    let queue = unique_queue("redis-py-consumes");
     let dir = tempfile::tempdir().expect("dir");
     let app = api_only(dir.path(), &redis, &queue).await;
     let py = PythonWorker::start(&venv, &WorkerOpts::new(&redis, &queue)).await;
 
-    let before = Utc::now();
-    let mut sent: HashMap<String, Value> = HashMap::new();
-    for name in common::EXAMPLES {
-        let body = common::example(name);
-        let r = app.post(body.clone()).await;
-        assert_eq!(r.status(), 202, "{name}");
-        let answer: Value = r.json().await.expect("json answer");
-        let id = answer["task_id"].as_str().expect("task id").to_owned();
-        sent.insert(id, serde_json::from_str(&body).expect("example is JSON"));
-    }
-    let after = Utc::now();
-    let got = py.wait_received(sent.len(), Duration::from_secs(60)).await;
-    assert_eq!(got.len(), sent.len(), "each callback handled once");
-    for line in &got {
-        let id = line["task_id"].as_str().expect("task id");
-        let want = sent
-            .get(id)
-            .unwrap_or_else(|| panic!("unknown task id {id}"));
-        assert_eq!(&line["payload"], want, "payload of {id} arrives intact");
-        let at = line["received_at"].as_str().expect("received_at is sent");
-        let at = DateTime::parse_from_rfc3339(at).expect("received_at is RFC 3339");
-        assert!(
-            before <= at && at <= after,
-            "received_at {at} is the API's receive time"
-        );
-    }
-    let log = py.log_text();
-    assert!(
-        !log.contains("KeyError") && !log.contains("Traceback"),
-        "python worker log:\n{log}"
-    );
+    py::python_receives_the_examples(&app, &py).await;
     assert_eq!(ready_count(&redis, &queue).await, 0);
     py.stop(Duration::from_secs(10)).await;
     app.stop().await;
     cleanup(&redis, &queue).await;
 }
 
+/// Redis and the Celery venv, or `None` to skip (outside CI).
+async fn redis_python() -> Option<(String, std::path::PathBuf)> {
+    Some((redis_url().await?, py::ensure_venv()?))
+}
+
 /// Redis, a fresh PostgreSQL database and the Celery venv, or `None` to skip (outside CI).
 async fn redis_pg_python() -> Option<(String, String, std::path::PathBuf)> {
-    Some((
-        common::redis_url().await?,
-        common::pg_database().await?,
-        py::ensure_venv()?,
-    ))
+    Some((redis_url().await?, pg_database().await?, py::ensure_venv()?))
 }
 
 /// Python's `send_task(..., queue=...)` for each example; mailhook's worker stores the rows in
@@ -184,42 +112,11 @@ async fn mailhook_worker_stores_what_python_sends() {
     let Some((redis, pg, venv)) = redis_pg_python().await else {
         return;
     };
-    let queue = common::unique_queue("redis-py-produces");
-    let app = common::spawn_with(
-        redis_common(&pg, &redis, &queue, None),
-        common::serve_args(),
-    )
-    .await;
+    let queue = unique_queue("redis-py-produces");
+    let app = spawn_with(redis_common(&pg, &redis, &queue, None), serve_args(&[])).await;
 
-    let payloads: Vec<String> = common::EXAMPLES
-        .iter()
-        .map(|n| common::example(n))
-        .collect();
-    let mut expected = Vec::new();
-    for p in &payloads {
-        let v: Box<RawValue> = serde_json::from_str(p).expect("example is JSON");
-        expected.extend(mailhook::infobip::normalize(&v, Utc::now()).expect("example is valid"));
-    }
-    let before = Utc::now();
-    let ids = py::send_task(&venv, &redis, &queue, DEFAULT_TASK, &payloads);
-    assert_eq!(ids.len(), payloads.len());
-    common::wait_for_rows(&app.store, expected.len() as i64).await;
-    for want in &expected {
-        let rows = app
-            .store
-            .by_id_externo(&want.id_externo)
-            .await
-            .expect("by id");
-        let row = rows
-            .iter()
-            .find(|r| r.status == want.status && r.event_at == want.event_at)
-            .unwrap_or_else(|| panic!("no row {} {}: {rows:?}", want.id_externo, want.status));
-        assert_eq!(row.email, want.email, "{}", want.id_externo);
-        assert_eq!(row.qj_contact_id, want.qj_contact_id, "{}", want.id_externo);
-        // Python sends no received_at: the worker's clock stands in.
-        assert!(row.data_recebimento >= before - chrono::Duration::seconds(1));
-    }
-    common::eventually("queue drained", Duration::from_secs(15), || async {
+    let expected = py::mailhook_stores_the_examples(&app, &venv, &redis, &queue).await;
+    eventually("queue drained", Duration::from_secs(15), || async {
         (ready_count(&redis, &queue).await == 0).then_some(())
     })
     .await;
@@ -227,7 +124,7 @@ async fn mailhook_worker_stores_what_python_sends() {
     app.stop().await;
     assert_eq!(
         store.count().await.expect("count"),
-        expected.len() as i64,
+        expected as i64,
         "one row per event"
     );
     cleanup(&redis, &queue).await;
@@ -240,18 +137,17 @@ async fn python_and_mailhook_workers_share_the_queue() {
     let Some((redis, pg, venv)) = redis_pg_python().await else {
         return;
     };
-    let queue = common::unique_queue("redis-shared");
+    let queue = unique_queue("redis-shared");
     const N: usize = 200;
     let py = PythonWorker::start(&venv, &WorkerOpts::new(&redis, &queue)).await;
     // Small batches, so the mailhook worker does not drain the queue before Python's first
     // poll: both must take part.
-    let mut args = common::serve_args();
-    args.worker.prefetch = 8;
-    let app = common::spawn_with(redis_common(&pg, &redis, &queue, None), args).await;
+    let args = serve_args(&["--prefetch", "8"]);
+    let app = spawn_with(redis_common(&pg, &redis, &queue, None), args).await;
 
     post_many(&app, "shared", N).await;
     let store = app.store.clone();
-    common::eventually(
+    eventually(
         "every callback handled",
         Duration::from_secs(90),
         || async {
@@ -260,7 +156,7 @@ async fn python_and_mailhook_workers_share_the_queue() {
         },
     )
     .await;
-    common::eventually("queue drained", Duration::from_secs(15), || async {
+    eventually("queue drained", Duration::from_secs(15), || async {
         (ready_count(&redis, &queue).await == 0).then_some(())
     })
     .await;
@@ -272,89 +168,15 @@ async fn python_and_mailhook_workers_share_the_queue() {
     cleanup(&redis, &queue).await;
 }
 
-/// kill -9 of a mailhook worker: it fetched a batch, stored a third of it, and died before
-/// acking. After the visibility timeout the next worker gets the whole batch back, and the
-/// dedupe key absorbs the third already stored: every callback once, none lost.
-#[tokio::test]
-async fn killed_worker_batch_comes_back_without_doubles() {
-    let Some(redis) = common::redis_url().await else {
-        return;
-    };
-    let Some(pg) = common::pg_database().await else {
-        return;
-    };
-    let redis = with_db(&redis, 2);
-    let queue = common::unique_queue("redis-crash");
-    const N: usize = 60;
-    let vt = Duration::from_secs(2);
-
-    let producer = queue::connect(&broker_cfg(&redis, &queue, vt))
-        .await
-        .expect("producer");
-    for n in 0..N {
-        let p = opened("crash", n);
-        let m = TaskMessage::for_payload(DEFAULT_TASK, p.as_bytes(), Utc::now());
-        producer.publish(&m).await.expect("publish");
-    }
-    let store: Arc<dyn Store> = store::connect(&pg, 2).await.expect("store");
-    store.migrate().await.expect("migrate");
-    {
-        let doomed = queue::connect(&broker_cfg(&redis, &queue, vt))
-            .await
-            .expect("consumer");
-        let batch = fetch_n(&doomed, N).await;
-        assert_eq!(batch.len(), N, "the whole batch is delivered");
-        let mut rows = Vec::new();
-        for d in &batch[..N / 3] {
-            let args = queue::celery::decode_body(&d.body).expect("body");
-            rows.extend(
-                mailhook::infobip::normalize(args.payload, Utc::now()).expect("valid payload"),
-            );
-        }
-        assert_eq!(
-            store.insert_batch(&rows).await.expect("insert"),
-            (N / 3) as u64
-        );
-        // Nothing acked: the batch sits in `unacked`, as a killed process leaves it.
-    }
-    let app = common::spawn_with(
-        redis_common(&pg, &redis, &queue, Some(vt.as_secs())),
-        common::serve_args(),
-    )
-    .await;
-    common::wait_for_rows(&app.store, N as i64).await;
-    common::eventually("queue drained", Duration::from_secs(15), || async {
-        (ready_count(&redis, &queue).await == 0).then_some(())
-    })
-    .await;
-    app.stop().await;
-    assert_eq!(
-        store.count().await.expect("count"),
-        N as i64,
-        "no row doubled"
-    );
-    for n in [0, N / 3, N - 1] {
-        let rows = store
-            .by_id_externo(&format!("crash-{n}"))
-            .await
-            .expect("by id");
-        assert_eq!(rows.len(), 1, "callback {n} stored once");
-    }
-    cleanup(&redis, &queue).await;
-}
-
 /// Our `unacked` entries are kombu's: a batch a mailhook consumer died holding is restored by a
 /// Python worker's own `restore_visible`, and handled there.
 #[tokio::test]
 async fn python_worker_restores_what_a_dead_mailhook_consumer_held() {
-    let Some(redis) = common::redis_url().await else {
+    let Some((redis, venv)) = redis_python().await else {
         return;
     };
-    let Some(venv) = py::ensure_venv() else {
-        return;
-    };
-    let redis = with_db(&redis, 3);
-    let queue = common::unique_queue("redis-py-restores");
+    let redis = redis_db(&redis, 3);
+    let queue = unique_queue("redis-py-restores");
     const N: usize = 10;
     let vt = Duration::from_secs(2);
     let producer = queue::connect(&broker_cfg(&redis, &queue, vt))
@@ -397,8 +219,8 @@ async fn mailhook_restores_what_a_killed_python_worker_held() {
     let Some((redis, pg, venv)) = redis_pg_python().await else {
         return;
     };
-    let redis = with_db(&redis, 4);
-    let queue = common::unique_queue("redis-mh-restores");
+    let redis = redis_db(&redis, 4);
+    let queue = unique_queue("redis-mh-restores");
     let vt = Duration::from_secs(2);
     let mut opts = WorkerOpts::new(&redis, &queue);
     opts.visibility_timeout = vt.as_secs();
@@ -412,7 +234,7 @@ async fn mailhook_restores_what_a_killed_python_worker_held() {
         DEFAULT_TASK,
         std::slice::from_ref(&payload),
     );
-    common::eventually("python took the task", Duration::from_secs(30), || async {
+    eventually("python took the task", Duration::from_secs(30), || async {
         py.log_text()
             .contains(&format!("[{}] received", ids[0]))
             .then_some(())
@@ -421,12 +243,12 @@ async fn mailhook_restores_what_a_killed_python_worker_held() {
     py.kill();
     assert_eq!(ready_count(&redis, &queue).await, 0, "held unacked");
 
-    let app = common::spawn_with(
+    let app = spawn_with(
         redis_common(&pg, &redis, &queue, Some(vt.as_secs())),
-        common::serve_args(),
+        serve_args(&[]),
     )
     .await;
-    common::wait_for_rows(&app.store, 1).await;
+    wait_for_rows(&app.store, 1).await;
     let rows = app
         .store
         .by_id_externo("mh-restores-1")
@@ -441,14 +263,11 @@ async fn mailhook_restores_what_a_killed_python_worker_held() {
 /// JSON, a body that is not base64, and a task this worker does not know (sent by Python).
 #[tokio::test]
 async fn unreadable_messages_are_dead_lettered_not_lost() {
-    let Some(redis) = common::redis_url().await else {
+    let Some((redis, venv)) = redis_python().await else {
         return;
     };
-    let Some(venv) = py::ensure_venv() else {
-        return;
-    };
-    let redis = with_db(&redis, 6);
-    let queue = common::unique_queue("redis-garbage");
+    let redis = redis_db(&redis, 6);
+    let queue = unique_queue("redis-garbage");
     let mut c = redis_conn(&redis).await;
     let bad_body = serde_json::json!({
         "body": "%%% not base64 %%%",
@@ -474,14 +293,12 @@ async fn unreadable_messages_are_dead_lettered_not_lost() {
         &[opened("garbage", 1)],
     );
     let dir = tempfile::tempdir().expect("dir");
-    let mut common_args = common::sqlite_common(dir.path());
-    common_args.broker_url = Some(redis.clone());
-    common_args.queue = queue.clone();
-    let app = common::spawn_with(common_args, common::serve_args()).await;
+    let db = sqlite_common(dir.path()).database_url;
+    let app = spawn_with(redis_common(&db, &redis, &queue, None), serve_args(&[])).await;
     let broker = queue::connect(&broker_cfg(&redis, &queue, Duration::from_secs(3600)))
         .await
         .expect("broker");
-    let dead = common::eventually("3 dead letters", Duration::from_secs(30), || async {
+    let dead = eventually("3 dead letters", Duration::from_secs(30), || async {
         let dl = broker.dlq_list(10).await.ok()?;
         (dl.len() == 3).then_some(dl)
     })
@@ -523,12 +340,12 @@ async fn unreadable_messages_are_dead_lettered_not_lost() {
 /// 503 meanwhile, and every callback answered 202 is on the queue.
 #[tokio::test]
 async fn api_reconnects_after_redis_drops_its_connection() {
-    let Some(redis) = common::redis_url().await else {
+    let Some(redis) = redis_url().await else {
         return;
     };
     // Database 5 is this test's alone: its clients are the ones to kill.
-    let redis = with_db(&redis, 5);
-    let queue = common::unique_queue("redis-reconnect");
+    let redis = redis_db(&redis, 5);
+    let queue = unique_queue("redis-reconnect");
     let dir = tempfile::tempdir().expect("dir");
     let app = api_only(dir.path(), &redis, &queue).await;
     let post = |n: usize| {
@@ -547,7 +364,7 @@ async fn api_reconnects_after_redis_drops_its_connection() {
         assert_eq!(status, 202);
         accepted.push(id);
     }
-    let mut admin = redis_conn(&with_db(&redis, 0)).await;
+    let mut admin = redis_conn(&redis_db(&redis, 0)).await;
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(&mut admin)
@@ -595,18 +412,4 @@ async fn api_reconnects_after_redis_drops_its_connection() {
     reader.ack(&got).await.expect("ack");
     app.stop().await;
     cleanup(&redis, &queue).await;
-}
-
-/// Fetches until `n` deliveries arrived or the deadline passes.
-async fn fetch_n(b: &Arc<dyn Broker>, n: usize) -> Vec<queue::Delivery> {
-    let mut got = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while got.len() < n && std::time::Instant::now() < deadline {
-        got.extend(
-            b.fetch(n - got.len(), Duration::from_millis(300))
-                .await
-                .expect("fetch"),
-        );
-    }
-    got
 }

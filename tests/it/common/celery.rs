@@ -1,8 +1,8 @@
 //! Real Python Celery for interop tests: a pinned virtualenv, a worker process, a producer.
 //!
 //! The virtualenv lives in `target/celery-venv`, built from `tests/celery/requirements.txt` and
-//! rebuilt when that file changes (a stamp holds its hash). Test binaries run in parallel, so the
-//! build happens under a file lock. Without a usable `python3`/`pip`, tests are skipped locally
+//! rebuilt when that file changes (a stamp holds its hash). Two test runs in one checkout may
+//! start at once, so the build happens under a file lock. Without a usable `python3`/`pip`, tests are skipped locally
 //! and fail under `CI=true`, as for the other services.
 
 use std::fs::File;
@@ -43,7 +43,7 @@ pub fn ensure_venv() -> Option<PathBuf> {
     }
 }
 
-// A real cross-process lock (`File::lock`): two test binaries may build the venv at once.
+// A real cross-process lock (`File::lock`): two test runs may build the venv at once.
 fn build_venv() -> Result<PathBuf, String> {
     let venv = venv_dir();
     let reqs = celery_dir().join("requirements.txt");
@@ -304,20 +304,13 @@ pub fn send_task(
     ids
 }
 
-/// An OPENED tracking event with `messageId` `<tag>-<n>` and `qj_contact_id` `n`.
-pub fn opened(tag: &str, n: usize) -> String {
-    format!(
-        r#"{{"notificationType":"OPENED","recipient":"r{n}@example.com","sendDateTime":1721161444325,"messageId":"{tag}-{n}","callbackData":"{{\"qj_contact_id\": {n}}}"}}"#
-    )
-}
-
 /// POSTs `opened(tag, 0..n)` to the app from ten concurrent clients; each must get 202.
-pub async fn post_many(app: &super::TestApp, tag: &str, n: usize) {
+pub async fn post_many(app: &super::app::TestApp, tag: &str, n: usize) {
     let mut posts = tokio::task::JoinSet::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(n.div_ceil(10).max(1)) {
         let client = app.client.clone();
         let url = app.url("/email");
-        let bodies: Vec<String> = chunk.iter().map(|&i| opened(tag, i)).collect();
+        let bodies: Vec<String> = chunk.iter().map(|&i| super::opened(tag, i)).collect();
         posts.spawn(async move {
             for b in bodies {
                 let r = client
@@ -377,4 +370,79 @@ pub async fn assert_shared_exactly_once(
     assert!(rows > 0, "the mailhook worker took part");
     eprintln!("python handled {}, mailhook stored {rows}", py_ids.len());
     py_ids
+}
+
+/// Posts every example to mailhook's API; the Python worker `py` must handle exactly those
+/// payloads, each once, intact, with the API's receive time as `received_at`.
+pub async fn python_receives_the_examples(app: &super::app::TestApp, py: &PythonWorker) {
+    let before = chrono::Utc::now();
+    let mut sent: std::collections::HashMap<String, serde_json::Value> = Default::default();
+    for name in super::EXAMPLES {
+        let body = super::example(name);
+        let r = app.post(body.clone()).await;
+        assert_eq!(r.status(), 202, "{name}");
+        let answer: serde_json::Value = r.json().await.expect("json answer");
+        let id = answer["task_id"].as_str().expect("task id").to_owned();
+        sent.insert(id, serde_json::from_str(&body).expect("example is JSON"));
+    }
+    let after = chrono::Utc::now();
+    let got = py.wait_received(sent.len(), Duration::from_secs(60)).await;
+    assert_eq!(got.len(), sent.len(), "each callback handled once");
+    for line in &got {
+        let id = line["task_id"].as_str().expect("task id");
+        let want = sent
+            .get(id)
+            .unwrap_or_else(|| panic!("unknown task id {id}"));
+        assert_eq!(&line["payload"], want, "payload of {id} arrives intact");
+        let at = line["received_at"].as_str().expect("received_at is sent");
+        let at = chrono::DateTime::parse_from_rfc3339(at).expect("received_at is RFC 3339");
+        assert!(
+            before <= at && at <= after,
+            "received_at {at} is the API's receive time"
+        );
+    }
+    let log = py.log_text();
+    assert!(
+        !log.contains("KeyError") && !log.contains("Traceback"),
+        "python worker log:\n{log}"
+    );
+}
+
+/// Sends every example with Python's `send_task(..., queue=queue)`; mailhook's worker in `app`
+/// must store the rows the pure normalizer makes of them, and only those. Returns the row count.
+pub async fn mailhook_stores_the_examples(
+    app: &super::app::TestApp,
+    venv: &Path,
+    broker_url: &str,
+    queue: &str,
+) -> usize {
+    let payloads: Vec<String> = super::EXAMPLES.iter().map(|n| super::example(n)).collect();
+    let mut expected = Vec::new();
+    for p in &payloads {
+        let v: Box<serde_json::value::RawValue> = serde_json::from_str(p).expect("example is JSON");
+        expected.extend(
+            mailhook::infobip::normalize(&v, chrono::Utc::now()).expect("example is valid"),
+        );
+    }
+    let before = chrono::Utc::now();
+    let task = mailhook::config::DEFAULT_TASK;
+    let ids = send_task(venv, broker_url, queue, task, &payloads);
+    assert_eq!(ids.len(), payloads.len());
+    super::wait_for_rows(&app.store, expected.len() as i64).await;
+    for want in &expected {
+        let rows = app
+            .store
+            .by_id_externo(&want.id_externo)
+            .await
+            .expect("by id");
+        let row = rows
+            .iter()
+            .find(|r| r.status == want.status && r.event_at == want.event_at)
+            .unwrap_or_else(|| panic!("no row {} {}: {rows:?}", want.id_externo, want.status));
+        assert_eq!(row.email, want.email, "{}", want.id_externo);
+        assert_eq!(row.qj_contact_id, want.qj_contact_id, "{}", want.id_externo);
+        // Python sends no received_at: the worker's clock stands in.
+        assert!(row.data_recebimento >= before - chrono::Duration::seconds(1));
+    }
+    expected.len()
 }

@@ -1,18 +1,15 @@
 //! Staying up under pressure: slow senders are cut off; an overloaded queue sheds load with 503.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::app::{spawn_app, spawn_in_temp_dir};
+use crate::common::{eventually, example, wait_for_rows};
 
 #[tokio::test]
 async fn a_slow_body_is_cut_off_at_the_request_deadline() {
-    let dir = tempfile::tempdir().expect("dir");
-    let mut args = serve_args();
-    args.request_timeout = 1;
-    let app = spawn_with(sqlite_common(dir.path()), args).await;
+    let app = spawn_in_temp_dir(&["--request-timeout", "1"]).await;
     let mut s = tokio::net::TcpStream::connect(app.addr)
         .await
         .expect("connect");
@@ -66,10 +63,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
 
 #[tokio::test]
 async fn callbacks_beyond_the_in_flight_limit_get_503_not_memory() {
-    let dir = tempfile::tempdir().expect("dir");
-    let mut args = serve_args();
-    args.max_in_flight = 1;
-    let app = spawn_with(sqlite_common(dir.path()), args).await;
+    let app = spawn_in_temp_dir(&["--max-in-flight", "1"]).await;
     // One sender holds the only permit with a body that never finishes.
     let mut stalled = tokio::net::TcpStream::connect(app.addr)
         .await

@@ -1,34 +1,14 @@
 //! Webhook authentication against the real app: HTTP Basic with rotated pairs, a secret header,
 //! both at once (either suffices), `/health` open, and nothing stored from a 401.
 
-mod common;
-
 use std::time::Duration;
 
-use axum::http::HeaderName;
 use base64::Engine;
-use common::*;
-use mailhook::config::ServeArgs;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Spawns the app on its own temp files with `configure` applied to the default settings.
-async fn spawn_auth(configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut args = serve_args();
-    configure(&mut args);
-    let mut app = spawn_with(sqlite_common(dir.path()), args).await;
-    app.dir = Some(dir);
-    app
-}
-
-fn basic_pairs(list: &[&str]) -> Vec<mailhook::secret::BasicCredential> {
-    list.iter().map(|s| s.parse().expect("USER:PASS")).collect()
-}
-
-fn secrets(list: &[&str]) -> Vec<mailhook::secret::Secret> {
-    list.iter().map(|s| s.parse().expect("secret")).collect()
-}
+use crate::common::app::{spawn_in_temp_dir as spawn_auth, TestApp};
+use crate::common::{example, wait_for_rows};
 
 fn basic(user_pass: &str) -> String {
     format!(
@@ -84,7 +64,7 @@ async fn rows_of(app: &TestApp, message_id: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn basic_auth_refuses_missing_wrong_malformed_and_accepts_rotated_pairs() {
-    let app = spawn_auth(|a| a.basic_auth = basic_pairs(&["old:one", "new:two:with-colon"])).await;
+    let app = spawn_auth(&["--basic-auth", "old:one,new:two:with-colon"]).await;
     let refusals: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("missing", vec![]),
         ("wrong password", vec![("authorization", basic("old:two"))]),
@@ -126,10 +106,12 @@ async fn basic_auth_refuses_missing_wrong_malformed_and_accepts_rotated_pairs() 
 
 #[tokio::test]
 async fn secret_header_right_wrong_missing() {
-    let app = spawn_auth(|a| {
-        a.auth_header = Some(HeaderName::from_static("x-webhook-secret"));
-        a.auth_secret = secrets(&["current-secret", "next-secret"]);
-    })
+    let app = spawn_auth(&[
+        "--auth-header",
+        "X-Webhook-Secret",
+        "--auth-secret",
+        "current-secret,next-secret",
+    ])
     .await;
     assert_401(post_with(&app, "opened", &[]).await, false, "missing").await;
     let wrong = [("x-webhook-secret", "current-secre")];
@@ -169,11 +151,14 @@ async fn secret_header_right_wrong_missing() {
 
 #[tokio::test]
 async fn with_both_configured_either_suffices() {
-    let app = spawn_auth(|a| {
-        a.basic_auth = basic_pairs(&["infobip:pw"]);
-        a.auth_header = Some(HeaderName::from_static("x-webhook-secret"));
-        a.auth_secret = secrets(&["hdr"]);
-    })
+    let app = spawn_auth(&[
+        "--basic-auth",
+        "infobip:pw",
+        "--auth-header",
+        "x-webhook-secret",
+        "--auth-secret",
+        "hdr",
+    ])
     .await;
     assert_401(post_with(&app, "opened", &[]).await, true, "neither").await;
     let wrong_both = basic("infobip:nope");
@@ -208,7 +193,7 @@ async fn with_both_configured_either_suffices() {
 
 #[tokio::test]
 async fn health_stays_open_and_unknown_routes_are_404() {
-    let app = spawn_auth(|a| a.basic_auth = basic_pairs(&["u:p"])).await;
+    let app = spawn_auth(&["--basic-auth", "u:p"]).await;
     let resp = app
         .client
         .get(app.url("/health"))
@@ -225,11 +210,7 @@ async fn health_stays_open_and_unknown_routes_are_404() {
 /// refused at once, not after the request deadline (which reading the body would hit).
 #[tokio::test]
 async fn refused_before_the_body_is_read() {
-    let app = spawn_auth(|a| {
-        a.basic_auth = basic_pairs(&["u:p"]);
-        a.request_timeout = 20;
-    })
-    .await;
+    let app = spawn_auth(&["--basic-auth", "u:p", "--request-timeout", "20"]).await;
     let mut conn = tokio::net::TcpStream::connect(app.addr)
         .await
         .expect("connect");
