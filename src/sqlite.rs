@@ -56,7 +56,10 @@ impl Checkpointer {
                     .execute(&conn)
                     .await
                 {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "WAL checkpoint failed; retrying"
+                    );
                 }
             }
         });

@@ -95,7 +95,7 @@ impl From<QueueError> for ApiError {
             }
             other => {
                 // Internal detail goes to the log, not to the caller.
-                tracing::error!(error = %other, "publish failed");
+                tracing::error!(error = &other as &dyn std::error::Error, "publish failed");
                 ApiError::QueueUnavailable
             }
         }

@@ -12,7 +12,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     match state.broker.ping().await {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))),
         Err(e) => {
-            tracing::warn!(error = %e, "health check failed");
+            tracing::warn!(error = &e as &dyn std::error::Error, "health check failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({"status": "unavailable", "error": "queue unavailable"})),

@@ -16,12 +16,20 @@ use thiserror::Error;
 
 pub use celery::TaskMessage;
 
-/// Errors from a queue backend.
+/// Errors from a queue backend. Each backend's failures keep their cause as the error's source,
+/// so a log line shows the chain (`error.sources=[...]`); the HTTP layer answers 503 to all of
+/// them and shows callers none.
 #[derive(Debug, Error)]
 pub enum QueueError {
-    /// The broker cannot be reached or refused the operation; the caller may retry later.
-    #[error("queue unavailable: {0}")]
-    Unavailable(String),
+    /// The embedded SQLite queue failed; the caller may retry later.
+    #[error("the embedded SQLite queue failed")]
+    Sqlite(#[from] sqlite::Error),
+    /// Redis cannot be reached or refused the operation; the caller may retry later.
+    #[error("Redis failed")]
+    Redis(#[from] redis::Error),
+    /// RabbitMQ cannot be reached or refused the operation; the caller may retry later.
+    #[error("RabbitMQ failed")]
+    Amqp(#[from] amqp::Error),
     /// The broker is reachable but saturated: the caller should back off.
     #[error("queue overloaded: {0}")]
     Overloaded(&'static str),
@@ -31,12 +39,6 @@ pub enum QueueError {
     /// A message or dead letter with this id does not exist.
     #[error("no dead letter with id `{0}`")]
     NotFound(String),
-}
-
-impl From<sqlx::Error> for QueueError {
-    fn from(e: sqlx::Error) -> Self {
-        QueueError::Unavailable(e.to_string())
-    }
 }
 
 /// A message handed to a consumer; it stays owned by the broker until acked.

@@ -28,6 +28,7 @@ use chrono::{SecondsFormat, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use serde_json::{json, Value};
+use thiserror::Error;
 use tokio::time::Instant;
 
 use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
@@ -131,8 +132,24 @@ struct Record {
     envelope: String,
 }
 
-fn unavailable(e: redis::RedisError) -> QueueError {
-    QueueError::Unavailable(format!("redis: {e}"))
+/// How the Redis backend fails.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Redis cannot be reached, or refused a command or script.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// A message or dead-letter record could not be written as JSON.
+    #[error("cannot encode a message for Redis")]
+    Encode(#[from] serde_json::Error),
+    /// A thread panicked while holding the restore clock.
+    #[error("the restore clock's lock is poisoned")]
+    Poisoned,
+}
+
+impl From<redis::RedisError> for QueueError {
+    fn from(e: redis::RedisError) -> Self {
+        QueueError::Redis(Error::Redis(e))
+    }
 }
 
 fn now_secs() -> f64 {
@@ -145,7 +162,7 @@ impl RedisBroker {
     /// Connects (reconnecting by itself later, with backoff) and writes the queue's binding as
     /// kombu does when a queue is declared.
     pub async fn open(cfg: &BrokerConfig) -> Result<Self, QueueError> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(unavailable)?;
+        let client = redis::Client::open(cfg.url.as_str())?;
         // Our commands never block on the server, so a response timeout only catches a dead
         // connection; it must still exceed a fetch script moving a large batch.
         let manager = ConnectionManagerConfig::new()
@@ -154,10 +171,7 @@ impl RedisBroker {
             .set_number_of_retries(6)
             .set_factor(100)
             .set_max_delay(2_000);
-        let mut conn = client
-            .get_connection_manager_with_config(manager)
-            .await
-            .map_err(unavailable)?;
+        let mut conn = client.get_connection_manager_with_config(manager).await?;
         // `_kombu.binding.<exchange>` lets a Python worker route restored messages of exchange
         // `<queue>`; kombu 5.7 also keeps `_kombu.binding_permanent.<exchange>` so its binding
         // sweep never deletes the table.
@@ -168,8 +182,7 @@ impl RedisBroker {
             .sadd(format!("_kombu.binding_permanent.{}", cfg.queue), &member)
             .ignore()
             .query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(RedisBroker {
             conn,
             queue: cfg.queue.clone(),
@@ -205,7 +218,7 @@ impl RedisBroker {
                 delivery_tag: uuid::Uuid::new_v4().to_string(),
             },
         };
-        serde_json::to_string(&env).map_err(|e| QueueError::Unavailable(e.to_string()))
+        serde_json::to_string(&env).map_err(|e| Error::Encode(e).into())
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -216,10 +229,7 @@ impl RedisBroker {
     async fn maybe_restore(&self) -> Result<(), QueueError> {
         let now = Instant::now();
         {
-            let mut at = self
-                .restore_at
-                .lock()
-                .map_err(|_| QueueError::Unavailable("restore clock poisoned".into()))?;
+            let mut at = self.restore_at.lock().map_err(|_| Error::Poisoned)?;
             if now < *at {
                 return Ok(());
             }
@@ -235,8 +245,7 @@ impl RedisBroker {
         let ceil = now_secs() - self.visibility.as_secs_f64();
         let due: Vec<String> = conn
             .zrangebyscore_limit(UNACKED_INDEX, "-inf", ceil, 0, RESTORE_BATCH)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         if due.is_empty() {
             return Ok(());
         }
@@ -250,8 +259,7 @@ impl RedisBroker {
             .arg("PX")
             .arg(UNACKED_MUTEX_EXPIRE_MS)
             .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         if locked.is_none() {
             return Ok(());
         }
@@ -281,15 +289,14 @@ impl RedisBroker {
     ) -> Result<u64, QueueError> {
         let mut restored = 0;
         for tag in tags {
-            let entry: Option<String> = conn.hget(UNACKED, tag).await.map_err(unavailable)?;
+            let entry: Option<String> = conn.hget(UNACKED, tag).await?;
             let Some(entry) = entry else {
                 self.drop_orphan
                     .key(UNACKED)
                     .key(UNACKED_INDEX)
                     .arg(tag)
                     .invoke_async::<i64>(conn)
-                    .await
-                    .map_err(unavailable)?;
+                    .await?;
                 continue;
             };
             let (envelope, target) = self.redelivered(conn, &entry).await?;
@@ -302,8 +309,7 @@ impl RedisBroker {
                 .arg(&envelope)
                 .arg(ceil)
                 .invoke_async(conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             restored += u64::try_from(n).unwrap_or(0);
         }
         Ok(restored)
@@ -365,10 +371,7 @@ impl RedisBroker {
         if exchange.is_empty() {
             return Ok(routing_key.to_owned());
         }
-        let members: Vec<String> = conn
-            .smembers(format!("_kombu.binding.{exchange}"))
-            .await
-            .map_err(unavailable)?;
+        let members: Vec<String> = conn.smembers(format!("_kombu.binding.{exchange}")).await?;
         Ok(members
             .iter()
             .filter_map(|m| {
@@ -393,8 +396,7 @@ impl RedisBroker {
             .arg(&fallback)
             .arg(MAX_FETCH_BYTES)
             .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(raw
             .chunks_exact(2)
             .map(|pair| decode_delivery(&pair[0], &pair[1]))
@@ -405,7 +407,7 @@ impl RedisBroker {
         self.conn()
             .lrange(&self.dlq, start, stop)
             .await
-            .map_err(unavailable)
+            .map_err(QueueError::from)
     }
 
     /// Publishes a dead letter's envelope again, as new: attempts reset, fresh delivery tag.
@@ -424,8 +426,7 @@ impl RedisBroker {
             .arg(raw)
             .arg(&envelope)
             .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 }
@@ -495,11 +496,7 @@ impl Broker for RedisBroker {
         // Redis has the message once LPUSH has answered (fsync depends on its appendonly
         // setting, as for Celery itself).
         let envelope = self.envelope(msg)?;
-        let _: i64 = self
-            .conn()
-            .lpush(&self.queue, envelope)
-            .await
-            .map_err(unavailable)?;
+        let _: i64 = self.conn().lpush(&self.queue, envelope).await?;
         Ok(())
     }
 
@@ -509,7 +506,10 @@ impl Broker for RedisBroker {
         loop {
             if let Err(e) = self.maybe_restore().await {
                 // Restore is housekeeping: a failure must not stop consumption.
-                tracing::warn!(error = %e, "restoring expired unacked messages failed");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "restoring expired unacked messages failed"
+                );
             }
             let got = self.claim(max.max(1)).await?;
             let now = Instant::now();
@@ -534,7 +534,7 @@ impl Broker for RedisBroker {
             .ignore()
             .query_async::<()>(&mut self.conn())
             .await
-            .map_err(unavailable)
+            .map_err(QueueError::from)
     }
 
     async fn retry(&self, deliveries: &[Delivery], delay: Duration) -> Result<(), QueueError> {
@@ -554,9 +554,7 @@ impl Broker for RedisBroker {
                 .arg(&d.tag)
                 .ignore();
         }
-        pipe.query_async::<()>(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+        pipe.query_async::<()>(&mut self.conn()).await?;
         if let Ok(mut at) = self.restore_at.lock() {
             *at = (*at).min(Instant::now() + delay);
         }
@@ -565,10 +563,7 @@ impl Broker for RedisBroker {
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
         let mut conn = self.conn();
-        let entry: Option<String> = conn
-            .hget(UNACKED, &delivery.tag)
-            .await
-            .map_err(unavailable)?;
+        let entry: Option<String> = conn.hget(UNACKED, &delivery.tag).await?;
         let Some(entry) = entry else {
             // Acked or restored meanwhile: it is either done or back on the queue.
             return Ok(());
@@ -591,8 +586,7 @@ impl Broker for RedisBroker {
             body_len: delivery.body.len(),
             envelope,
         };
-        let record = serde_json::to_string(&record)
-            .map_err(|e| QueueError::Unavailable(format!("dead letter record: {e}")))?;
+        let record = serde_json::to_string(&record).map_err(Error::Encode)?;
         self.dead_letter
             .key(UNACKED)
             .key(UNACKED_INDEX)
@@ -600,8 +594,7 @@ impl Broker for RedisBroker {
             .arg(&delivery.tag)
             .arg(record)
             .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(())
     }
 
@@ -673,8 +666,7 @@ impl Broker for RedisBroker {
     async fn ping(&self) -> Result<(), QueueError> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(())
     }
 }

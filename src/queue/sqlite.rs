@@ -18,6 +18,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePoolOptions};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use thiserror::Error;
+
 use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
 use crate::sqlite::{connect_options, Checkpointer};
 
@@ -52,6 +54,26 @@ CREATE TABLE IF NOT EXISTS queue_lease (
 );
 "#;
 
+/// How the embedded queue fails.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// SQLite refused or failed a statement (a full disk, a locked or corrupt file, ...).
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    /// The writer task is gone: nothing can be written until the process restarts.
+    #[error("the embedded queue writer has stopped")]
+    WriterStopped,
+    /// The writer's thread or runtime could not be started.
+    #[error("cannot start the embedded queue writer")]
+    StartWriter(#[source] std::io::Error),
+}
+
+impl From<sqlx::Error> for QueueError {
+    fn from(e: sqlx::Error) -> Self {
+        QueueError::Sqlite(Error::Sql(e))
+    }
+}
+
 /// One write, run by the writer task inside a group transaction.
 enum Op {
     Publish(TaskMessage),
@@ -77,7 +99,7 @@ enum Reply {
 
 struct Cmd {
     op: Op,
-    done: oneshot::Sender<Result<Reply, String>>,
+    done: oneshot::Sender<Result<Reply, sqlx::Error>>,
 }
 
 /// A queue stored in a SQLite database file.
@@ -124,11 +146,11 @@ impl SqliteBroker {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| QueueError::Unavailable(format!("cannot start the queue writer: {e}")))?;
+            .map_err(Error::StartWriter)?;
         std::thread::Builder::new()
             .name("mailhook-queue-writer".into())
             .spawn(move || runtime.block_on(writer.run(rx, notify)))
-            .map_err(|e| QueueError::Unavailable(format!("cannot start the queue writer: {e}")))?;
+            .map_err(Error::StartWriter)?;
         Ok(SqliteBroker {
             pool,
             queue: cfg.queue.clone(),
@@ -146,14 +168,12 @@ impl SqliteBroker {
             .send(Cmd { op, done })
             .await
             .map_err(|_| stopped())?;
-        wait.await
-            .map_err(|_| stopped())?
-            .map_err(QueueError::Unavailable)
+        Ok(wait.await.map_err(|_| stopped())??)
     }
 }
 
 fn stopped() -> QueueError {
-    QueueError::Unavailable("the embedded queue writer has stopped".into())
+    Error::WriterStopped.into()
 }
 
 /// Owns the one connection this process writes the queue with.
@@ -189,14 +209,17 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, ops = cmds.len(), "embedded queue commit failed");
+                    tracing::error!(
+                        error = &e as &dyn std::error::Error,
+                        ops = cmds.len(),
+                        "embedded queue commit failed"
+                    );
                     // Run each alone, so that one failing operation fails alone.
                     for c in cmds {
                         let r = self
                             .transaction(std::slice::from_ref(&c))
                             .await
-                            .map(|mut r| r.pop().unwrap_or(Reply::Done))
-                            .map_err(|e| e.to_string());
+                            .map(|mut r| r.pop().unwrap_or(Reply::Done));
                         let _ = c.done.send(r);
                     }
                 }
@@ -402,10 +425,8 @@ impl Broker for SqliteBroker {
                 }
                 mpsc::error::TrySendError::Closed(_) => stopped(),
             })?;
-        wait.await
-            .map_err(|_| stopped())?
-            .map(|_| ())
-            .map_err(QueueError::Unavailable)
+        wait.await.map_err(|_| stopped())??;
+        Ok(())
     }
 
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
@@ -536,9 +557,7 @@ impl Broker for SqliteBroker {
 
     async fn ping(&self) -> Result<(), QueueError> {
         if self.writer.is_closed() {
-            return Err(QueueError::Unavailable(
-                "the embedded queue writer has stopped".into(),
-            ));
+            return Err(stopped());
         }
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -16,10 +16,10 @@ pub use sql::{MySqlStore, PostgresStore, SqliteStore};
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The database failed or could not be reached; retrying later may succeed.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] sqlx::Error),
     /// Migrations could not be applied.
-    #[error("migration failed: {0}")]
+    #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The URL names no database we support (only the scheme is kept: URLs carry passwords).
     #[error(

@@ -10,8 +10,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 
 use super::convert::{as_string, as_u32, task_id_of, with_headers};
-use super::{Inner, ATTEMPTS_HEADER};
-use crate::queue::{Delivery, QueueError};
+use super::{Error, Inner, ATTEMPTS_HEADER};
+use crate::queue::Delivery;
 
 pub(super) struct ConsumerSlot {
     pub(super) generation: u64,
@@ -30,7 +30,7 @@ pub(super) struct Link {
 
 impl Inner {
     /// Opens a consumer on its own channel and makes it the one acks go to.
-    pub(super) async fn start_consumer(&self) -> Result<ConsumerSlot, QueueError> {
+    pub(super) async fn start_consumer(&self) -> Result<ConsumerSlot, Error> {
         let session = self.session().await?;
         let channel = session.conn.create_channel().await?;
         channel
@@ -63,14 +63,14 @@ impl Inner {
         })
     }
 
-    pub(super) fn lock_link(&self) -> Result<std::sync::MutexGuard<'_, Link>, QueueError> {
+    pub(super) fn lock_link(&self) -> Result<std::sync::MutexGuard<'_, Link>, Error> {
         self.link
             .lock()
-            .map_err(|_| QueueError::Unavailable("consumer state lock poisoned".into()))
+            .map_err(|_| Error::Poisoned("consumer state"))
     }
 
     /// Turns an AMQP delivery into ours, remembering its properties until it is settled.
-    pub(super) fn track(&self, generation: u64, d: AmqpDelivery) -> Result<Delivery, QueueError> {
+    pub(super) fn track(&self, generation: u64, d: AmqpDelivery) -> Result<Delivery, Error> {
         let headers = d.properties.headers().as_ref();
         let prior = headers
             .and_then(|h| h.inner().get(ATTEMPTS_HEADER))
@@ -101,10 +101,7 @@ impl Inner {
 
     /// Splits deliveries into tags of the current consumer channel and a count
     /// of stale ones, whose messages RabbitMQ already requeued when their channel closed.
-    pub(super) fn current_tags(
-        &self,
-        deliveries: &[Delivery],
-    ) -> Result<(Vec<u64>, usize), QueueError> {
+    pub(super) fn current_tags(&self, deliveries: &[Delivery]) -> Result<(Vec<u64>, usize), Error> {
         let link = self.lock_link()?;
         let mut tags = Vec::with_capacity(deliveries.len());
         let mut stale = 0;
@@ -123,7 +120,7 @@ impl Inner {
 
     /// Acks these tags of the current consumer channel; one `multiple` ack when no other held
     /// message is below the highest tag.
-    pub(super) async fn ack_tags(&self, tags: &[u64]) -> Result<(), QueueError> {
+    pub(super) async fn ack_tags(&self, tags: &[u64]) -> Result<(), Error> {
         let (channel, multiple_up_to) = {
             let mut link = self.lock_link()?;
             let mine: Vec<u64> = tags
@@ -145,7 +142,7 @@ impl Inner {
             (channel, plan)
         };
         let Some(channel) = channel else {
-            return Err(lost_channel());
+            return Err(Error::LostChannel);
         };
         match multiple_up_to {
             Ok(max) => {
@@ -163,7 +160,7 @@ impl Inner {
     }
 
     /// Gives held messages back to the queue at once (used when a retry cannot republish).
-    async fn requeue_tags(&self, tags: &[u64]) -> Result<(), QueueError> {
+    async fn requeue_tags(&self, tags: &[u64]) -> Result<(), Error> {
         let channel = {
             let mut link = self.lock_link()?;
             for t in tags {
@@ -172,7 +169,7 @@ impl Inner {
             link.channel.clone()
         };
         let Some(channel) = channel else {
-            return Err(lost_channel());
+            return Err(Error::LostChannel);
         };
         for &tag in tags {
             channel
@@ -188,7 +185,7 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) fn held_props(&self, tag: u64) -> Result<BasicProperties, QueueError> {
+    pub(super) fn held_props(&self, tag: u64) -> Result<BasicProperties, Error> {
         Ok(self
             .lock_link()?
             .held
@@ -216,26 +213,30 @@ impl Inner {
             match r {
                 Ok(()) => done.push(*tag),
                 Err(e) => {
-                    tracing::warn!(task_id = %d.task_id, error = %e, "retry republish failed; requeueing");
+                    tracing::warn!(
+                        task_id = %d.task_id,
+                        error = &e as &dyn std::error::Error,
+                        "retry republish failed; requeueing"
+                    );
                     failed.push(*tag);
                 }
             }
         }
         if let Err(e) = self.ack_tags(&done).await {
-            tracing::warn!(error = %e, "ack after retry republish failed; duplicates will be deduplicated");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "ack after retry republish failed; duplicates will be deduplicated"
+            );
         }
         if !failed.is_empty() {
             if let Err(e) = self.requeue_tags(&failed).await {
-                tracing::warn!(error = %e, "requeue after failed retry failed; RabbitMQ redelivers on reconnect");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "requeue after failed retry failed; RabbitMQ redelivers on reconnect"
+                );
             }
         }
     }
-}
-
-pub(super) fn lost_channel() -> QueueError {
-    QueueError::Unavailable(
-        "the consumer channel was lost; RabbitMQ redelivers its unacked messages".into(),
-    )
 }
 
 /// `<generation>:<delivery tag>`.

@@ -5,8 +5,8 @@ use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 
 use super::convert::{as_string, as_u32, task_id_of, without_headers};
-use super::{Inner, ATTEMPTS_HEADER, FAILED_AT_HEADER, REASON_HEADER};
-use crate::queue::{DeadLetter, QueueError};
+use super::{Error, Inner, ATTEMPTS_HEADER, FAILED_AT_HEADER, REASON_HEADER};
+use crate::queue::DeadLetter;
 
 /// Dead letters replayed per pipelined round of confirms.
 const REPLAY_CHUNK: usize = 256;
@@ -17,7 +17,7 @@ impl Inner {
         &self,
         mut wanted: impl FnMut(&str) -> bool,
         only_one: bool,
-    ) -> Result<u64, QueueError> {
+    ) -> Result<u64, Error> {
         let _one_at_a_time = self.dlq_ops.lock().await;
         let session = self.session().await?;
         let ch = session.conn.create_channel().await?;
@@ -57,7 +57,7 @@ impl Inner {
                 }
                 moved += chunk.len() as u64;
                 if exhausted || (only_one && moved > 0) {
-                    return Ok::<u64, QueueError>(moved);
+                    return Ok::<u64, Error>(moved);
                 }
             }
         }

@@ -35,10 +35,11 @@ use chrono::{SecondsFormat, Utc};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
+use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
-use consumer::{lost_channel, parse_tag, ConsumerSlot, Link};
+use consumer::{parse_tag, ConsumerSlot, Link};
 use convert::{task_properties, with_headers};
 use dlq::dead_letter_of;
 use session::{close_in_background, supervise, Backoff, Session};
@@ -50,9 +51,51 @@ pub const REASON_HEADER: &str = "x-mailhook-reason";
 /// Header carrying when a dead letter was given up on (RFC 3339, UTC).
 pub const FAILED_AT_HEADER: &str = "x-mailhook-failed-at";
 
+/// How the RabbitMQ backend fails.
+#[derive(Debug, Clone, Error)]
+pub enum Error {
+    /// A protocol, channel or connection error, as lapin reports it.
+    #[error(transparent)]
+    Lapin(#[from] lapin::Error),
+    /// A connection attempt took longer than allowed.
+    #[error("RabbitMQ did not answer within {0:?}")]
+    ConnectTimeout(Duration),
+    /// The connection is down and the next attempt is not due yet; the source is why the last
+    /// attempt failed.
+    #[error("the RabbitMQ connection is lost; reconnecting")]
+    Reconnecting(#[source] Box<Error>),
+    /// The broker was dropped: nothing reconnects any more.
+    #[error("the RabbitMQ broker is closed")]
+    Closed,
+    /// A publish was not confirmed in time: it may or may not be on the queue.
+    #[error("RabbitMQ did not confirm the publish within {0:?}")]
+    ConfirmTimeout(Duration),
+    /// A publish reached no queue (the queue was deleted).
+    #[error("RabbitMQ returned the message: no queue `{0}`")]
+    Returned(String),
+    /// RabbitMQ refused a publish.
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    /// A publish went out on a channel without publisher confirms.
+    #[error("the publishing channel is not in confirm mode")]
+    NotConfirming,
+    /// The consumer channel is gone; RabbitMQ redelivers what it held.
+    #[error("the consumer channel was lost; RabbitMQ redelivers its unacked messages")]
+    LostChannel,
+    /// Some deliveries to settle came from a consumer channel that is gone.
+    #[error("{0} deliveries belong to a lost consumer channel; RabbitMQ redelivers them")]
+    StaleDeliveries(usize),
+    /// RabbitMQ cancelled our consumer (its queue was deleted?).
+    #[error("RabbitMQ cancelled the consumer")]
+    ConsumerCancelled,
+    /// A thread panicked while holding one of the backend's locks.
+    #[error("the RabbitMQ {0} lock is poisoned")]
+    Poisoned(&'static str),
+}
+
 impl From<lapin::Error> for QueueError {
     fn from(e: lapin::Error) -> Self {
-        QueueError::Unavailable(format!("RabbitMQ: {e}"))
+        QueueError::Amqp(Error::Lapin(e))
     }
 }
 
@@ -127,9 +170,10 @@ impl Drop for AmqpBroker {
 #[async_trait]
 impl Broker for AmqpBroker {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
-        self.inner
+        Ok(self
+            .inner
             .publish_confirmed(&self.inner.queue, &msg.body, task_properties(msg))
-            .await
+            .await?)
     }
 
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
@@ -167,9 +211,7 @@ impl Broker for AmqpBroker {
                     // RabbitMQ cancelled the consumer (queue deleted?): start over next time.
                     *slot = None;
                     if out.is_empty() {
-                        return Err(QueueError::Unavailable(
-                            "RabbitMQ cancelled the consumer".into(),
-                        ));
+                        return Err(Error::ConsumerCancelled.into());
                     }
                     break;
                 }
@@ -190,9 +232,7 @@ impl Broker for AmqpBroker {
         let (tags, stale) = self.inner.current_tags(deliveries)?;
         self.inner.ack_tags(&tags).await?;
         if stale > 0 {
-            return Err(QueueError::Unavailable(format!(
-                "{stale} deliveries belong to a lost consumer channel; RabbitMQ redelivers them"
-            )));
+            return Err(Error::StaleDeliveries(stale).into());
         }
         Ok(())
     }
@@ -234,7 +274,7 @@ impl Broker for AmqpBroker {
         let (tags, stale) = self.inner.current_tags(std::slice::from_ref(delivery))?;
         let Some(&tag) = tags.first() else {
             debug_assert!(stale > 0);
-            return Err(lost_channel());
+            return Err(Error::LostChannel.into());
         };
         let props = with_headers(self.inner.held_props(tag)?, |h| {
             h.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
@@ -254,7 +294,7 @@ impl Broker for AmqpBroker {
         self.inner
             .publish_confirmed(&self.inner.dlq, &delivery.body, props)
             .await?;
-        self.inner.ack_tags(&[tag]).await
+        Ok(self.inner.ack_tags(&[tag]).await?)
     }
 
     /// Reads dead letters with `basic_get` without acking them on a private channel, then closes
@@ -285,7 +325,7 @@ impl Broker for AmqpBroker {
     /// `id` is the task id.
     async fn dlq_replay(&self, id: Option<&str>) -> Result<u64, QueueError> {
         match id {
-            None => self.inner.replay_where(|_| true, false).await,
+            None => Ok(self.inner.replay_where(|_| true, false).await?),
             Some(id) => match self.inner.replay_where(|t| t == id, true).await? {
                 0 => Err(QueueError::NotFound(id.to_owned())),
                 n => Ok(n),
@@ -298,10 +338,11 @@ impl Broker for AmqpBroker {
         if wanted.is_empty() {
             return Ok(0);
         }
-        self.inner.replay_where(|t| wanted.remove(t), false).await
+        Ok(self.inner.replay_where(|t| wanted.remove(t), false).await?)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        self.inner.session().await.map(|_| ())
+        self.inner.session().await?;
+        Ok(())
     }
 }

@@ -15,8 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Inner;
-use crate::queue::QueueError;
+use super::{Error, Inner};
 
 /// How long a connection attempt may take before we call RabbitMQ unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,8 +51,8 @@ impl Session {
 #[derive(Default)]
 pub(super) struct Backoff {
     failures: u32,
-    next_attempt: Option<Instant>,
-    last_error: String,
+    /// When the next attempt may be made, and why the last one failed.
+    next_attempt: Option<(Instant, Error)>,
 }
 
 /// Closes a session's connection without blocking (dropping the last handle would also close it,
@@ -76,7 +75,10 @@ pub(super) async fn supervise(inner: Weak<Inner>, stop: CancellationToken) {
         let Some(inner) = inner.upgrade() else { return };
         if inner.current().is_none() {
             if let Err(e) = inner.session().await {
-                tracing::debug!(error = %e, "RabbitMQ still unreachable");
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    "RabbitMQ still unreachable"
+                );
             }
         }
     }
@@ -90,7 +92,7 @@ impl Inner {
     }
 
     /// The live session, reconnecting (with backoff between failed attempts) when it is gone.
-    pub(super) async fn session(&self) -> Result<Arc<Session>, QueueError> {
+    pub(super) async fn session(&self) -> Result<Arc<Session>, Error> {
         if let Some(s) = self.current() {
             return Ok(s);
         }
@@ -100,31 +102,24 @@ impl Inner {
             return Ok(s);
         }
         if self.stop.is_cancelled() {
-            return Err(QueueError::Unavailable(
-                "the RabbitMQ broker is closed".into(),
-            ));
+            return Err(Error::Closed);
         }
-        if backoff.next_attempt.is_some_and(|at| Instant::now() < at) {
-            return Err(QueueError::Unavailable(format!(
-                "RabbitMQ connection lost ({}); reconnecting",
-                backoff.last_error
-            )));
+        if let Some((at, last)) = &backoff.next_attempt {
+            if Instant::now() < *at {
+                return Err(Error::Reconnecting(Box::new(last.clone())));
+            }
         }
         let id = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let opened = tokio::time::timeout(CONNECT_TIMEOUT, self.open_session(id))
             .await
-            .unwrap_or_else(|_| {
-                Err(QueueError::Unavailable(format!(
-                    "RabbitMQ did not answer within {CONNECT_TIMEOUT:?}"
-                )))
-            });
+            .unwrap_or(Err(Error::ConnectTimeout(CONNECT_TIMEOUT)));
         match opened {
             Ok(session) => {
                 let session = Arc::new(session);
                 let old = self
                     .session
                     .write()
-                    .map_err(|_| QueueError::Unavailable("session lock poisoned".into()))?
+                    .map_err(|_| Error::Poisoned("session"))?
                     .replace(session.clone());
                 if let Some(old) = old {
                     close_in_background(old);
@@ -140,15 +135,18 @@ impl Inner {
                 let wait = RECONNECT_MIN
                     .saturating_mul(1u32 << backoff.failures.min(16))
                     .min(RECONNECT_MAX);
-                backoff.next_attempt = Some(Instant::now() + wait);
-                backoff.last_error = e.to_string();
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot connect to RabbitMQ");
+                backoff.next_attempt = Some((Instant::now() + wait, e.clone()));
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    retry_in = ?wait,
+                    "cannot connect to RabbitMQ"
+                );
                 Err(e)
             }
         }
     }
 
-    async fn open_session(&self, id: u64) -> Result<Session, QueueError> {
+    async fn open_session(&self, id: u64) -> Result<Session, Error> {
         // Named after the queue so an operator (or a test) can tell our connections apart.
         let name = format!("mailhook {}", self.queue);
         let props = ConnectionProperties::default().with_connection_name(name.into());
@@ -169,7 +167,7 @@ impl Inner {
 
     /// Declares what kombu declares for `Queue(name, Exchange(name), routing_key=name)`, plus
     /// our DLQ (a plain durable queue on the default exchange, which Celery never touches).
-    async fn declare(&self, ch: &Channel) -> Result<(), QueueError> {
+    async fn declare(&self, ch: &Channel) -> Result<(), Error> {
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -206,7 +204,7 @@ impl Inner {
         queue: &str,
         body: &[u8],
         props: BasicProperties,
-    ) -> Result<(), QueueError> {
+    ) -> Result<(), Error> {
         let session = self.session().await?;
         let sent = {
             let _turn = session.send.lock().await;
@@ -226,27 +224,17 @@ impl Inner {
         };
         let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, sent?).await {
             Ok(c) => c?,
-            Err(_) => {
-                return Err(QueueError::Unavailable(format!(
-                    "RabbitMQ did not confirm the publish within {CONFIRM_TIMEOUT:?}"
-                )))
-            }
+            Err(_) => return Err(Error::ConfirmTimeout(CONFIRM_TIMEOUT)),
         };
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => {
                 // Returned as unroutable: the queue is gone. A new session declares it again.
                 session.broken.store(true, Ordering::Relaxed);
-                Err(QueueError::Unavailable(format!(
-                    "RabbitMQ returned the message: no queue `{queue}`"
-                )))
+                Err(Error::Returned(queue.to_owned()))
             }
-            Confirmation::Nack(_) => Err(QueueError::Unavailable(
-                "RabbitMQ refused the message (nack)".into(),
-            )),
-            Confirmation::NotRequested => Err(QueueError::Unavailable(
-                "the publishing channel is not in confirm mode".into(),
-            )),
+            Confirmation::Nack(_) => Err(Error::Nacked),
+            Confirmation::NotRequested => Err(Error::NotConfirming),
         }
     }
 }
