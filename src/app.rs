@@ -53,10 +53,7 @@ pub fn broker_config(common: &CommonArgs, prefetch: u16) -> BrokerConfig {
 }
 
 /// Connects to the broker `common` names.
-pub async fn connect_broker(
-    common: &CommonArgs,
-    prefetch: u16,
-) -> Result<Arc<dyn Broker>, QueueError> {
+pub async fn connect_broker(common: &CommonArgs, prefetch: u16) -> Result<Broker, QueueError> {
     queue::connect(&broker_config(common, prefetch)).await
 }
 
@@ -85,7 +82,7 @@ struct Workers(JoinSet<()>);
 impl Workers {
     /// Starts `args.concurrency` loops; each finishes its batch in hand once `stop` fires.
     fn start(
-        broker: &Arc<dyn Broker>,
+        broker: &Broker,
         store: &Arc<dyn Store>,
         args: &WorkerArgs,
         task_name: &str,
@@ -140,7 +137,7 @@ pub async fn run_worker(
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
-    broker: Arc<dyn Broker>,
+    broker: Broker,
     store: Option<Arc<dyn Store>>,
     common: CommonArgs,
     args: ServeArgs,

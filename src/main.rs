@@ -7,7 +7,6 @@ use tracing_subscriber::EnvFilter;
 
 use mailhook::app::{self, App};
 use mailhook::config::{Cli, Command, CommonArgs, DlqCommand};
-use mailhook::queue;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -53,38 +52,28 @@ async fn dlq(common: &CommonArgs, cmd: DlqCommand) -> anyhow::Result<()> {
             }
         }
         DlqCommand::Replay { id: Some(id), .. } => {
-            let n = broker.dlq_replay(Some(&id)).await?;
-            println!("replayed {n} message(s) onto {}", common.queue);
+            broker.dlq_replay(&id).await?;
+            println!("replayed 1 message(s) onto {}", common.queue);
         }
         DlqCommand::Replay { id: None, .. } => {
-            let n = replay_all(broker.as_ref()).await?;
+            // Drawn only on a terminal (indicatif hides it otherwise).
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} replayed ({eta} left)",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let n = broker
+                .dlq_replay_all(|done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                })
+                .await?;
+            bar.finish_and_clear();
             println!("replayed {n} message(s) onto {}", common.queue);
         }
     }
     Ok(())
-}
-
-/// Replays every dead letter present now (not those dead-lettered meanwhile), in chunks, with
-/// a progress bar on a terminal.
-async fn replay_all(broker: &dyn queue::Broker) -> anyhow::Result<u64> {
-    const CHUNK: usize = 500;
-    let ids: Vec<String> = broker
-        .dlq_list(usize::MAX)
-        .await?
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
-    let bar = indicatif::ProgressBar::new(ids.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} replayed ({eta} left)")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut n = 0;
-    for chunk in ids.chunks(CHUNK) {
-        n += broker.dlq_replay_many(chunk).await?;
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    Ok(n)
 }
 
 /// A token cancelled on SIGTERM or SIGINT.

@@ -78,14 +78,14 @@ impl Default for WorkerConfig {
 
 /// A worker bound to one broker and one store.
 pub struct Worker {
-    broker: Arc<dyn Broker>,
+    broker: Broker,
     store: Arc<dyn Store>,
     cfg: WorkerConfig,
 }
 
 impl Worker {
     /// Creates a worker.
-    pub fn new(broker: Arc<dyn Broker>, store: Arc<dyn Store>, cfg: WorkerConfig) -> Self {
+    pub fn new(broker: Broker, store: Arc<dyn Store>, cfg: WorkerConfig) -> Self {
         Worker { broker, store, cfg }
     }
 

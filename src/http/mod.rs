@@ -24,7 +24,7 @@ use auth::Auth;
 #[derive(Clone)]
 pub struct AppState {
     /// Where accepted callbacks go.
-    pub broker: Arc<dyn Broker>,
+    pub broker: Broker,
     /// Celery task name put on each message.
     pub task_name: Arc<str>,
     /// Queue name, echoed in the 202 body.

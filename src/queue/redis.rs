@@ -24,14 +24,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::time::Instant;
 
-use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
+use super::{
+    parse_time, time_text, Backend, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage,
+};
 
 /// kombu's keys for the ack emulation, shared by every queue of the Redis database.
 const UNACKED: &str = "unacked";
@@ -45,14 +47,6 @@ const SEP: &str = "\x06\x16";
 const RESTORE_INTERVAL: Duration = Duration::from_secs(2);
 /// Expired entries one restore pass moves at most (the next pass takes the rest).
 const RESTORE_BATCH: isize = 256;
-/// Polling backoff of an idle consumer: starts short so a fresh message is picked up fast.
-const POLL_MIN: Duration = Duration::from_millis(20);
-const POLL_MAX: Duration = Duration::from_millis(200);
-/// Envelope bytes one fetch hands out at most (one message is always taken), so a batch of
-/// large callbacks cannot exhaust memory.
-const MAX_FETCH_BYTES: usize = 16 << 20;
-/// Dead letters read per `LRANGE` when replaying.
-const DLQ_CHUNK: isize = 500;
 
 /// kombu's Redis message envelope, serialized from borrowed fields (no `json!` tree per publish).
 #[derive(serde::Serialize)]
@@ -103,7 +97,7 @@ const REPLAY: &str = include_str!("redis/replay.lua");
 const UNLOCK: &str = include_str!("redis/unlock.lua");
 
 /// A Celery-compatible queue on Redis.
-pub struct RedisBroker {
+pub struct RedisBackend {
     conn: ConnectionManager,
     queue: String,
     dlq: String,
@@ -158,7 +152,7 @@ fn now_secs() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-impl RedisBroker {
+impl RedisBackend {
     /// Connects (reconnecting by itself later, with backoff) and writes the queue's binding as
     /// kombu does when a queue is declared.
     pub async fn open(cfg: &BrokerConfig) -> Result<Self, QueueError> {
@@ -183,7 +177,7 @@ impl RedisBroker {
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
-        Ok(RedisBroker {
+        Ok(RedisBackend {
             conn,
             queue: cfg.queue.clone(),
             dlq: cfg.dlq(),
@@ -383,8 +377,9 @@ impl RedisBroker {
             .unwrap_or_else(|| routing_key.to_owned()))
     }
 
-    /// Pops and records up to `max` messages in one script call.
-    async fn claim(&self, max: usize) -> Result<Vec<Delivery>, QueueError> {
+    /// Pops and records up to `max` messages (within `max_bytes` of envelopes, the first always
+    /// taken) in one script call.
+    async fn pop(&self, max: usize, max_bytes: usize) -> Result<Vec<Delivery>, QueueError> {
         let fallback = format!("mailhook-{}-", uuid::Uuid::new_v4().simple());
         let raw: Vec<String> = self
             .fetch
@@ -394,7 +389,7 @@ impl RedisBroker {
             .arg(max)
             .arg(now_secs())
             .arg(&fallback)
-            .arg(MAX_FETCH_BYTES)
+            .arg(max_bytes)
             .invoke_async(&mut self.conn())
             .await?;
         Ok(raw
@@ -491,7 +486,7 @@ fn decode_delivery(tag: &str, envelope: &str) -> Delivery {
 }
 
 #[async_trait]
-impl Broker for RedisBroker {
+impl Backend for RedisBackend {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
         // Redis has the message once LPUSH has answered (fsync depends on its appendonly
         // setting, as for Celery itself).
@@ -500,31 +495,20 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let deadline = Instant::now() + wait;
-        let mut pause = POLL_MIN;
-        loop {
-            if let Err(e) = self.maybe_restore().await {
-                // Restore is housekeeping: a failure must not stop consumption.
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "restoring expired unacked messages failed"
-                );
-            }
-            let got = self.claim(max.max(1)).await?;
-            let now = Instant::now();
-            if !got.is_empty() || now >= deadline {
-                return Ok(got);
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(POLL_MAX);
+    /// Publishers are other processes as often as not, so there is nothing to wait on: the
+    /// fetch polls (the default [`Backend::ready`]).
+    async fn claim(&self, max: usize, max_bytes: usize) -> Result<Vec<Delivery>, QueueError> {
+        if let Err(e) = self.maybe_restore().await {
+            // Restore is housekeeping: a failure must not stop consumption.
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "restoring expired unacked messages failed"
+            );
         }
+        self.pop(max, max_bytes).await
     }
 
     async fn ack(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
         let tags: Vec<&str> = deliveries.iter().map(|d| d.tag.as_str()).collect();
         redis::pipe()
             .atomic()
@@ -538,9 +522,6 @@ impl Broker for RedisBroker {
     }
 
     async fn retry(&self, deliveries: &[Delivery], delay: Duration) -> Result<(), QueueError> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
         // Re-scored so that it looks fetched `visibility - delay` ago: any restorer (ours or a
         // Python worker's) puts it back on the queue after `delay`. XX: never resurrect a tag
         // acked meanwhile.
@@ -561,7 +542,12 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        failed_at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
         let mut conn = self.conn();
         let entry: Option<String> = conn.hget(UNACKED, &delivery.tag).await?;
         let Some(entry) = entry else {
@@ -582,7 +568,7 @@ impl Broker for RedisBroker {
             task: delivery.task.clone(),
             reason: reason.to_owned(),
             attempts: delivery.attempts,
-            failed_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            failed_at: time_text(&failed_at),
             body_len: delivery.body.len(),
             envelope,
         };
@@ -599,9 +585,6 @@ impl Broker for RedisBroker {
     }
 
     async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
         let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
         Ok(self
             .records(0, stop)
@@ -614,44 +597,14 @@ impl Broker for RedisBroker {
                 task: r.task,
                 reason: r.reason,
                 attempts: r.attempts,
-                failed_at: r.failed_at,
+                failed_at: parse_time(&r.failed_at),
                 body_len: r.body_len,
             })
             .collect())
     }
 
-    async fn dlq_replay(&self, id: Option<&str>) -> Result<u64, QueueError> {
-        match id {
-            Some(id) => match self.dlq_replay_many(&[id.to_owned()]).await? {
-                0 => Err(QueueError::NotFound(id.to_owned())),
-                n => Ok(n),
-            },
-            None => {
-                let mut n = 0;
-                // Replayed records leave the list, so the head is always the next chunk;
-                // unreadable records stay, so step over them.
-                let mut start = 0;
-                loop {
-                    let chunk = self.records(start, start + DLQ_CHUNK - 1).await?;
-                    if chunk.is_empty() {
-                        return Ok(n);
-                    }
-                    for raw in &chunk {
-                        let k = self.replay_record(raw).await?;
-                        n += k;
-                        if k == 0 {
-                            start += 1;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    async fn dlq_replay_many(&self, ids: &[String]) -> Result<u64, QueueError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
+    /// Ids are the records' own; a record that cannot be read is never matched (and stays).
+    async fn dlq_replay(&self, ids: &[String]) -> Result<u64, QueueError> {
         let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
         let mut n = 0;
         for raw in self.records(0, -1).await? {

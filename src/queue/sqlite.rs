@@ -13,26 +13,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePoolOptions};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use thiserror::Error;
 
-use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
+use super::{
+    parse_time, time_text, Backend, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage,
+};
 use crate::sqlite::{connect_options, Checkpointer};
 
 /// Operations a single group commit takes at most.
 const MAX_GROUP: usize = 512;
 /// Bytes of published bodies a single group commit takes at most (one is always taken).
 const MAX_GROUP_BYTES: usize = 4 << 20;
-/// Bytes of bodies one fetch hands out at most (one message is always taken).
-const MAX_FETCH_BYTES: i64 = 4 << 20;
 /// Operations waiting for the writer; a publish beyond this is refused (503, backpressure).
 const WRITER_BACKLOG: usize = 4096;
-/// How often an idle consumer looks for messages published by other processes.
-const POLL: Duration = Duration::from_millis(100);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS queue_message (
@@ -79,6 +78,7 @@ enum Op {
     Publish(TaskMessage),
     Claim {
         max: usize,
+        max_bytes: usize,
     },
     Ack(Vec<i64>),
     Retry {
@@ -89,6 +89,7 @@ enum Op {
         id: i64,
         reason: String,
         attempts: u32,
+        failed_at: DateTime<Utc>,
     },
 }
 
@@ -103,7 +104,7 @@ struct Cmd {
 }
 
 /// A queue stored in a SQLite database file.
-pub struct SqliteBroker {
+pub struct SqliteBackend {
     pool: SqlitePool,
     queue: String,
     dlq: String,
@@ -112,7 +113,7 @@ pub struct SqliteBroker {
     _checkpointer: Checkpointer,
 }
 
-impl SqliteBroker {
+impl SqliteBackend {
     /// Opens (creating if needed) the queue database and starts its writer.
     pub async fn open(cfg: &BrokerConfig) -> Result<Self, QueueError> {
         Self::open_with(cfg, connect_options(&cfg.url)?).await
@@ -151,7 +152,7 @@ impl SqliteBroker {
             .name("mailhook-queue-writer".into())
             .spawn(move || runtime.block_on(writer.run(rx, notify)))
             .map_err(Error::StartWriter)?;
-        Ok(SqliteBroker {
+        Ok(SqliteBackend {
             pool,
             queue: cfg.queue.clone(),
             dlq: cfg.dlq(),
@@ -274,7 +275,9 @@ impl Writer {
         for c in ops {
             let reply = match &c.op {
                 Op::Publish(_) => Reply::Done,
-                Op::Claim { max } => Reply::Claimed(self.claim(*max, now).await?),
+                Op::Claim { max, max_bytes } => {
+                    Reply::Claimed(self.claim(*max, *max_bytes, now).await?)
+                }
                 Op::Ack(ids) => {
                     by_ids(&mut self.conn, "DELETE FROM queue_message", ids).await?;
                     by_ids(&mut self.conn, "DELETE FROM queue_lease", ids).await?;
@@ -289,6 +292,7 @@ impl Writer {
                     id,
                     reason,
                     attempts,
+                    failed_at,
                 } => {
                     sqlx::query(
                         "UPDATE queue_message SET queue = ?1, reason = ?2, failed_at = ?3, \
@@ -296,7 +300,7 @@ impl Writer {
                     )
                     .bind(&self.dlq)
                     .bind(reason)
-                    .bind(Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true))
+                    .bind(time_text(failed_at))
                     .bind(i64::from(*attempts))
                     .bind(id)
                     .execute(&mut self.conn)
@@ -310,8 +314,15 @@ impl Writer {
         Ok(replies)
     }
 
-    /// Leases up to `max` visible messages (within the byte budget) and returns them.
-    async fn claim(&mut self, max: usize, now: i64) -> Result<Vec<Delivery>, sqlx::Error> {
+    /// Leases up to `max` visible messages, within `max_bytes` of bodies (the first is always
+    /// taken), and returns them.
+    async fn claim(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        now: i64,
+    ) -> Result<Vec<Delivery>, sqlx::Error> {
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let candidates = sqlx::query(
             "SELECT m.id, length(m.body), coalesce(l.attempts, 0) \
              FROM queue_message m LEFT JOIN queue_lease l ON l.id = m.id \
@@ -330,7 +341,7 @@ impl Writer {
         let mut bytes = 0i64;
         for row in &candidates {
             let len: i64 = row.try_get(1)?;
-            if !chosen.is_empty() && bytes + len > MAX_FETCH_BYTES {
+            if !chosen.is_empty() && bytes.saturating_add(len) > max_bytes {
                 break;
             }
             bytes += len;
@@ -410,7 +421,7 @@ fn now_ms() -> i64 {
 }
 
 #[async_trait]
-impl Broker for SqliteBroker {
+impl Backend for SqliteBackend {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
         // try_send: when the writer is this far behind, shed load instead of queueing in memory.
@@ -429,36 +440,26 @@ impl Broker for SqliteBroker {
         Ok(())
     }
 
-    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Register interest before looking, so a commit in between still wakes us.
-            let notified = self.published.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let got = match self.call(Op::Claim { max }).await? {
-                Reply::Claimed(d) => d,
-                Reply::Done => Vec::new(),
-            };
-            let now = tokio::time::Instant::now();
-            if !got.is_empty() || now >= deadline {
-                return Ok(got);
-            }
-            let _ = tokio::time::timeout((deadline - now).min(POLL), notified).await;
+    async fn claim(&self, max: usize, max_bytes: usize) -> Result<Vec<Delivery>, QueueError> {
+        match self.call(Op::Claim { max, max_bytes }).await? {
+            Reply::Claimed(d) => Ok(d),
+            Reply::Done => Ok(Vec::new()),
         }
     }
 
+    /// Completes at this process's next commit that publishes; messages published by another
+    /// process (a separate `mailhook serve --no-worker`) are found by polling.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        let mut published = Box::pin(self.published.notified());
+        published.as_mut().enable();
+        published
+    }
+
     async fn ack(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
         self.call(Op::Ack(ids(deliveries))).await.map(|_| ())
     }
 
     async fn retry(&self, deliveries: &[Delivery], delay: Duration) -> Result<(), QueueError> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
         let visible_at =
             now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
         self.call(Op::Retry {
@@ -469,11 +470,17 @@ impl Broker for SqliteBroker {
         .map(|_| ())
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        failed_at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
         self.call(Op::DeadLetter {
             id: delivery.tag.parse::<i64>().unwrap_or(-1),
             reason: reason.to_owned(),
             attempts: delivery.attempts,
+            failed_at,
         })
         .await
         .map(|_| ())
@@ -496,7 +503,10 @@ impl Broker for SqliteBroker {
                     task: r.try_get(2)?,
                     reason: r.try_get::<Option<String>, _>(3)?.unwrap_or_default(),
                     attempts: u32::try_from(r.try_get::<i64, _>(4)?).unwrap_or(u32::MAX),
-                    failed_at: r.try_get::<Option<String>, _>(5)?.unwrap_or_default(),
+                    failed_at: r
+                        .try_get::<Option<String>, _>(5)?
+                        .as_deref()
+                        .and_then(parse_time),
                     body_len: usize::try_from(r.try_get::<i64, _>(6)?).unwrap_or_default(),
                 })
             })
@@ -504,42 +514,8 @@ impl Broker for SqliteBroker {
             .map_err(Into::into)
     }
 
-    async fn dlq_replay(&self, id: Option<&str>) -> Result<u64, QueueError> {
-        let base = "UPDATE queue_message SET queue = ?1, reason = NULL, failed_at = NULL, \
-                    attempts = 0 WHERE queue = ?2";
-        let done = match id {
-            Some(id) => {
-                let n = id
-                    .parse::<i64>()
-                    .map_err(|_| QueueError::NotFound(id.to_owned()))?;
-                sqlx::query(&format!("{base} AND id = ?3"))
-                    .bind(&self.queue)
-                    .bind(&self.dlq)
-                    .bind(n)
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected()
-            }
-            None => sqlx::query(base)
-                .bind(&self.queue)
-                .bind(&self.dlq)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        };
-        if done == 0 {
-            if let Some(id) = id {
-                return Err(QueueError::NotFound(id.to_owned()));
-            }
-        }
-        self.published.notify_waiters();
-        Ok(done)
-    }
-
-    async fn dlq_replay_many(&self, ids: &[String]) -> Result<u64, QueueError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
+    /// Ids are row ids; one that is not a number matches no row.
+    async fn dlq_replay(&self, ids: &[String]) -> Result<u64, QueueError> {
         let mut q = QueryBuilder::<Sqlite>::new("UPDATE queue_message SET queue = ");
         q.push_bind(&self.queue)
             .push(", reason = NULL, failed_at = NULL, attempts = 0 WHERE queue = ")

@@ -324,7 +324,7 @@ async fn unreadable_messages_are_dead_lettered_not_lost() {
         .find(|d| d.reason.contains("someone.elses_task"))
         .map(|d| d.id.clone())
         .expect("python's dead letter");
-    assert_eq!(broker.dlq_replay(Some(&id)).await.expect("replay"), 1);
+    broker.dlq_replay(&id).await.expect("replay");
     let again = fetch_n(&broker, 1).await;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].task, "someone.elses_task");

@@ -17,7 +17,7 @@ use crate::common::{binary, eventually, example, wait_for_rows};
 
 /// The queue and the table where `mailhook` run with `DATABASE_URL` set to `dir/mailhook.db`
 /// (and no broker URL) finds them.
-async fn setup(dir: &std::path::Path) -> (Arc<dyn Broker>, Arc<dyn Store>) {
+async fn setup(dir: &std::path::Path) -> (Broker, Arc<dyn Store>) {
     let url = format!("sqlite://{}", dir.join("mailhook-queue.db").display());
     let b = queue::connect(&broker_cfg(&url, "email-webhook", Duration::from_secs(5)))
         .await
@@ -91,7 +91,7 @@ async fn unprocessable_messages_are_dead_lettered_and_replayable() {
     assert!(reasons[2].contains("payload rejected"), "{reasons:?}");
     assert!(dead
         .iter()
-        .all(|d| d.attempts == 1 && !d.failed_at.is_empty()));
+        .all(|d| d.attempts == 1 && d.failed_at.is_some()));
 
     // The CLI lists them as JSON lines and replays them.
     let listed = cli(dir.path(), &["dlq", "list"]);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailhook::http::{router, AppState};
-use mailhook::queue::sqlite::SqliteBroker;
+use mailhook::queue::sqlite::SqliteBackend;
 use mailhook::queue::Broker;
 use mailhook::sqlite::connect_options;
 use mailhook::store;
@@ -27,8 +27,7 @@ async fn full_queue_disk_answers_503_then_recovers() {
     let opts = connect_options(&cfg.url)
         .expect("opts")
         .pragma("max_page_count", "64");
-    let broker: Arc<dyn Broker> =
-        Arc::new(SqliteBroker::open_with(&cfg, opts).await.expect("open"));
+    let broker = Broker::new(SqliteBackend::open_with(&cfg, opts).await.expect("open"));
     let state = AppState {
         broker: broker.clone(),
         task_name: mailhook::config::DEFAULT_TASK.into(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use mailhook::config::DEFAULT_TASK;
-use mailhook::queue::{self, TaskMessage};
+use mailhook::queue::{self, QueueError, TaskMessage, MAX_FETCH_BYTES};
 use mailhook::store::{self, Store};
 
 use crate::common::app::{serve_args, spawn_with};
@@ -101,17 +101,100 @@ pub async fn dead_letter_and_replay(f: &BrokerFixture) {
     assert!(dl
         .iter()
         .all(|d| d.reason == "unknown task name `x`" && d.attempts >= 1));
-    assert_eq!(b.dlq_replay(Some(&dl[0].id)).await.expect("replay one"), 1);
-    assert!(b.dlq_replay(Some("no-such-id")).await.is_err());
+    assert!(
+        dl.iter().all(|d| d
+            .failed_at
+            .is_some_and(|t| (Utc::now() - t).num_seconds().abs() < 60)),
+        "stamped with the time: {dl:?}"
+    );
+    b.dlq_replay(&dl[0].id).await.expect("replay one");
+    assert!(
+        matches!(b.dlq_replay("no-such-id").await, Err(QueueError::NotFound(id)) if id == "no-such-id"),
+        "replaying nothing is `not found`"
+    );
     let one = fetch_n(&b, 1).await;
     assert_eq!(one.len(), 1);
     assert_eq!(one[0].task_id, dl[0].task_id);
+    assert_eq!(one[0].attempts, 1, "a replayed message starts over");
     b.ack(&one).await.expect("ack");
-    assert_eq!(b.dlq_replay(None).await.expect("replay all"), 2);
+    let mut progress = Vec::new();
+    let all = b
+        .dlq_replay_all(|done, total| progress.push((done, total)))
+        .await
+        .expect("replay all");
+    assert_eq!(all, 2);
+    assert_eq!(progress, [(2, 2)]);
     assert!(b.dlq_list(10).await.expect("list").is_empty());
     let rest = fetch_n(&b, 2).await;
     assert_eq!(rest.len(), 2);
     b.ack(&rest).await.expect("ack");
+}
+
+/// Replaying several dead letters moves those that exist and counts only them.
+pub async fn dlq_replay_many_counts_what_it_finds(f: &BrokerFixture) {
+    let b = f.connect().await;
+    for i in 20..23 {
+        b.publish(&msg(i)).await.expect("publish");
+    }
+    for d in &fetch_n(&b, 3).await {
+        b.dead_letter(d, "refused").await.expect("dead letter");
+    }
+    let dl = b.dlq_list(10).await.expect("list");
+    assert_eq!(dl.len(), 3);
+    assert_eq!(b.dlq_replay_many(&[]).await.expect("replay none"), 0);
+    let ids = [dl[0].id.clone(), "no-such-id".to_owned(), dl[2].id.clone()];
+    assert_eq!(b.dlq_replay_many(&ids).await.expect("replay many"), 2);
+    let left = b.dlq_list(10).await.expect("list");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].task_id, dl[1].task_id);
+    let back = fetch_n(&b, 2).await;
+    let mut got: Vec<_> = back.iter().map(|d| d.task_id.as_str()).collect();
+    let mut want = [dl[0].task_id.as_str(), dl[2].task_id.as_str()];
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    b.ack(&back).await.expect("ack");
+    assert_eq!(b.dlq_replay_all(|_, _| {}).await.expect("replay all"), 1);
+    b.ack(&fetch_n(&b, 1).await).await.expect("ack");
+}
+
+/// One fetch hands out at most [`MAX_FETCH_BYTES`] of messages, so a batch of large callbacks
+/// cannot exhaust memory; the rest waits, in order, for the next fetch. A message larger than
+/// the budget still travels, alone.
+pub async fn fetch_is_bounded_in_bytes(f: &BrokerFixture) {
+    let b = f.connect().await;
+    let payload = |n: usize, pad: usize| {
+        let pad = "x".repeat(pad);
+        format!(r#"{{"notificationType":"OPENED","messageId":"big-{n}","pad":"{pad}"}}"#)
+    };
+    // Each within the budget (Redis stores bodies in base64, a third larger), any two over it.
+    let mut sent: Vec<_> = (0..3)
+        .map(|n| payload(n, MAX_FETCH_BYTES * 2 / 3))
+        .collect();
+    sent.push(payload(3, MAX_FETCH_BYTES + 1));
+    sent.push(payload(4, 0));
+    let sent: Vec<_> = sent
+        .iter()
+        .map(|p| TaskMessage::for_payload(DEFAULT_TASK, p.as_bytes(), Utc::now()))
+        .collect();
+    for m in &sent {
+        b.publish(m).await.expect("publish");
+    }
+    let mut taken = Vec::new();
+    for m in &sent[..4] {
+        let got = b.fetch(10, Duration::from_secs(5)).await.expect("fetch");
+        let ids: Vec<_> = got.iter().map(|d| d.task_id.as_str()).collect();
+        assert_eq!(ids, [m.id.as_str()], "one fetch, one large message");
+        taken.extend(got);
+    }
+    let last = fetch_n(&b, 1).await;
+    assert_eq!(last.len(), 1);
+    assert_eq!(
+        last[0].task_id, sent[4].id,
+        "the small one after the oversized one"
+    );
+    taken.extend(last);
+    b.ack(&taken).await.expect("ack");
 }
 
 /// Concurrent publishers all land, each exactly once.
@@ -238,6 +321,24 @@ macro_rules! broker_suite {
         }
 
         #[tokio::test]
+        async fn dlq_replay_many_counts_what_it_finds() {
+            let Some(f) = $open(Lease::Long).await else {
+                return;
+            };
+            super::dlq_replay_many_counts_what_it_finds(&f).await;
+            f.cleanup().await;
+        }
+
+        #[tokio::test]
+        async fn fetch_is_bounded_in_bytes() {
+            let Some(f) = $open(Lease::Long).await else {
+                return;
+            };
+            super::fetch_is_bounded_in_bytes(&f).await;
+            f.cleanup().await;
+        }
+
+        #[tokio::test]
         async fn concurrent_publish() {
             let Some(f) = $open(Lease::Long).await else {
                 return;
@@ -262,38 +363,7 @@ mod sqlite {
 }
 
 mod redis {
-    use super::*;
-
-    broker_suite!(BrokerFixture::redis);
-
-    /// One fetch hands out about 16 MiB at most, so large callbacks cannot exhaust memory;
-    /// the rest waits for the next fetch.
-    #[tokio::test]
-    async fn fetch_is_bounded_in_bytes() {
-        let Some(f) = BrokerFixture::redis(Lease::Long).await else {
-            return;
-        };
-        let b = f.connect().await;
-        let big = format!(
-            r#"{{"notificationType":"OPENED","messageId":"big","pad":"{}"}}"#,
-            "x".repeat(6 << 20)
-        );
-        for _ in 0..4 {
-            let m = TaskMessage::for_payload(DEFAULT_TASK, big.as_bytes(), Utc::now());
-            b.publish(&m).await.expect("publish");
-        }
-        let first = b.fetch(10, Duration::from_secs(2)).await.expect("fetch");
-        assert!(
-            (1..4).contains(&first.len()),
-            "one fetch took {} messages of 6 MiB",
-            first.len()
-        );
-        let rest = fetch_n(&b, 4 - first.len()).await;
-        assert_eq!(first.len() + rest.len(), 4);
-        b.ack(&first).await.expect("ack");
-        b.ack(&rest).await.expect("ack");
-        f.cleanup().await;
-    }
+    broker_suite!(crate::common::brokers::BrokerFixture::redis);
 }
 
 mod amqp {

@@ -1,8 +1,11 @@
-//! The consumer channel: what it holds unacked (with each message's properties, to republish a
-//! copy intact), and acks, requeues and delayed retries against it.
+//! The consumer channel: taking what RabbitMQ pushed to it, what it holds unacked (with each
+//! message's properties, to republish a copy intact), and acks, requeues and delayed retries
+//! against it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+
+use futures_util::{FutureExt, StreamExt};
 
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -13,10 +16,52 @@ use super::convert::{as_string, as_u32, task_id_of, with_headers};
 use super::{Error, Inner, ATTEMPTS_HEADER};
 use crate::queue::Delivery;
 
+/// The consumer, created by the first claim; replaced when its channel is lost.
+#[derive(Default)]
+pub(super) struct ConsumerState {
+    slot: Option<ConsumerSlot>,
+    /// Why the consumer was lost while a fetch waited; the next claim returns it.
+    failed: Option<Error>,
+}
+
+impl ConsumerState {
+    /// Drops the consumer (dropping its channel makes RabbitMQ requeue what it held).
+    pub(super) fn close(&mut self) {
+        self.slot = None;
+    }
+}
+
 pub(super) struct ConsumerSlot {
-    pub(super) generation: u64,
-    pub(super) channel: Channel,
-    pub(super) consumer: Consumer,
+    generation: u64,
+    channel: Channel,
+    consumer: Consumer,
+    /// A delivery already taken from the stream but not handed out: one read while a fetch
+    /// waited, or one over a claim's byte budget. It is first in line for the next claim.
+    stash: Option<AmqpDelivery>,
+}
+
+impl ConsumerSlot {
+    /// The stashed delivery, else the next one RabbitMQ has already pushed, without waiting
+    /// (`None`: nothing yet); an error when the consumer is gone.
+    fn next_now(&mut self) -> Result<Option<AmqpDelivery>, Error> {
+        if let Some(d) = self.stash.take() {
+            return Ok(Some(d));
+        }
+        match self.consumer.next().now_or_never() {
+            None => Ok(None),
+            Some(item) => received(item).map(Some),
+        }
+    }
+}
+
+/// An item of the consumer stream: a delivery, or why the consumer is gone (a channel error,
+/// or RabbitMQ cancelled it).
+fn received(item: Option<Result<AmqpDelivery, lapin::Error>>) -> Result<AmqpDelivery, Error> {
+    match item {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(Error::ConsumerCancelled),
+    }
 }
 
 /// The current consumer channel and the properties of the messages it holds unacked.
@@ -29,8 +74,80 @@ pub(super) struct Link {
 }
 
 impl Inner {
+    /// Hands out what the consumer holds now: up to `max` deliveries, within `max_bytes` of
+    /// bodies (the first always taken). A delivery over the budget is stashed for the next claim.
+    pub(super) async fn claim(&self, max: usize, max_bytes: usize) -> Result<Vec<Delivery>, Error> {
+        let mut guard = self.consumer.lock().await;
+        let state = &mut *guard;
+        if let Some(e) = state.failed.take() {
+            return Err(e);
+        }
+        if state
+            .slot
+            .as_ref()
+            .is_some_and(|s| !s.channel.status().connected())
+        {
+            state.slot = None;
+        }
+        let slot = match state.slot.as_mut() {
+            Some(s) => s,
+            None => state.slot.insert(self.start_consumer().await?),
+        };
+        let generation = slot.generation;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut lost = None;
+        while out.len() < max {
+            let d = match slot.next_now() {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(e) => {
+                    lost = Some(e);
+                    break;
+                }
+            };
+            if !out.is_empty() && bytes.saturating_add(d.data.len()) > max_bytes {
+                slot.stash = Some(d);
+                break;
+            }
+            bytes = bytes.saturating_add(d.data.len());
+            out.push(self.track(generation, d)?);
+        }
+        if let Some(e) = lost {
+            state.slot = None;
+            if out.is_empty() {
+                return Err(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until RabbitMQ pushes a delivery, and stashes it for the next claim; returns at
+    /// once when a claim has something to take already (or no consumer exists yet: the claim
+    /// starts one). Dropping the future (the fetch's pause is over) loses nothing.
+    pub(super) async fn await_delivery(&self) {
+        let mut guard = self.consumer.lock().await;
+        let state = &mut *guard;
+        if state.failed.is_some() {
+            return;
+        }
+        let Some(slot) = state.slot.as_mut() else {
+            return;
+        };
+        if slot.stash.is_some() {
+            return;
+        }
+        match received(slot.consumer.next().await) {
+            Ok(d) => slot.stash = Some(d),
+            Err(e) => {
+                state.slot = None;
+                state.failed = Some(e);
+            }
+        }
+    }
+
     /// Opens a consumer on its own channel and makes it the one acks go to.
-    pub(super) async fn start_consumer(&self) -> Result<ConsumerSlot, Error> {
+    async fn start_consumer(&self) -> Result<ConsumerSlot, Error> {
         let session = self.session().await?;
         let channel = session.conn.create_channel().await?;
         channel
@@ -60,6 +177,7 @@ impl Inner {
             generation,
             channel,
             consumer,
+            stash: None,
         })
     }
 
@@ -70,7 +188,7 @@ impl Inner {
     }
 
     /// Turns an AMQP delivery into ours, remembering its properties until it is settled.
-    pub(super) fn track(&self, generation: u64, d: AmqpDelivery) -> Result<Delivery, Error> {
+    fn track(&self, generation: u64, d: AmqpDelivery) -> Result<Delivery, Error> {
         let headers = d.properties.headers().as_ref();
         let prior = headers
             .and_then(|h| h.inner().get(ATTEMPTS_HEADER))

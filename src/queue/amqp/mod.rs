@@ -25,23 +25,20 @@ mod convert;
 mod dlq;
 mod session;
 
-use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{SecondsFormat, Utc};
-use futures_util::{FutureExt, StreamExt};
-use lapin::options::BasicGetOptions;
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use lapin::types::AMQPValue;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
-use consumer::{parse_tag, ConsumerSlot, Link};
+use super::{time_text, Backend, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage};
+use consumer::{parse_tag, ConsumerState, Link};
 use convert::{task_properties, with_headers};
-use dlq::dead_letter_of;
 use session::{close_in_background, supervise, Backoff, Session};
 
 /// Header counting the deliveries made before this copy was published (bumped on retry).
@@ -100,7 +97,7 @@ impl From<lapin::Error> for QueueError {
 }
 
 /// A RabbitMQ queue used the way Celery uses it.
-pub struct AmqpBroker {
+pub struct AmqpBackend {
     inner: Arc<Inner>,
 }
 
@@ -114,8 +111,9 @@ struct Inner {
     session: RwLock<Option<Arc<Session>>>,
     /// Serializes reconnection attempts and holds their backoff.
     reconnect: tokio::sync::Mutex<Backoff>,
-    /// The consumer, created lazily by the first fetch; its lock is held while a fetch waits.
-    consumer: tokio::sync::Mutex<Option<ConsumerSlot>>,
+    /// The consumer, created by the first claim; its lock is held while a fetch waits for a
+    /// delivery.
+    consumer: tokio::sync::Mutex<ConsumerState>,
     /// What acks need, kept apart from `consumer` so an ack never waits behind a fetch.
     link: Mutex<Link>,
     /// Serializes DLQ maintenance (list/replay), which holds DLQ messages unacked while it scans.
@@ -125,7 +123,7 @@ struct Inner {
     stop: CancellationToken,
 }
 
-impl AmqpBroker {
+impl AmqpBackend {
     /// Connects, declares the Celery-compatible topology and the DLQ, and starts the supervisor
     /// that reconnects after a connection loss.
     pub async fn open(cfg: &BrokerConfig) -> Result<Self, QueueError> {
@@ -136,7 +134,7 @@ impl AmqpBroker {
             prefetch: cfg.prefetch.max(1),
             session: RwLock::new(None),
             reconnect: tokio::sync::Mutex::new(Backoff::default()),
-            consumer: tokio::sync::Mutex::new(None),
+            consumer: tokio::sync::Mutex::new(ConsumerState::default()),
             link: Mutex::new(Link::default()),
             dlq_ops: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
@@ -144,17 +142,17 @@ impl AmqpBroker {
         });
         inner.session().await?;
         tokio::spawn(supervise(Arc::downgrade(&inner), inner.stop.clone()));
-        Ok(AmqpBroker { inner })
+        Ok(AmqpBackend { inner })
     }
 }
 
-impl Drop for AmqpBroker {
+impl Drop for AmqpBackend {
     /// Closes the connection now, so RabbitMQ requeues whatever we held unacked, and stops the
     /// background tasks (a pending delayed retry leaves its message unacked, hence requeued).
     fn drop(&mut self) {
         self.inner.stop.cancel();
-        if let Ok(mut slot) = self.inner.consumer.try_lock() {
-            slot.take();
+        if let Ok(mut consumer) = self.inner.consumer.try_lock() {
+            consumer.close();
         }
         if let Ok(mut link) = self.inner.link.lock() {
             link.channel = None;
@@ -168,7 +166,7 @@ impl Drop for AmqpBroker {
 }
 
 #[async_trait]
-impl Broker for AmqpBroker {
+impl Backend for AmqpBackend {
     async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
         Ok(self
             .inner
@@ -176,56 +174,13 @@ impl Broker for AmqpBroker {
             .await?)
     }
 
-    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let mut slot = self.inner.consumer.lock().await;
-        if slot
-            .as_ref()
-            .is_some_and(|s| !s.channel.status().connected())
-        {
-            *slot = None;
-        }
-        let current = match slot.as_mut() {
-            Some(s) => s,
-            None => slot.insert(self.inner.start_consumer().await?),
-        };
-        let generation = current.generation;
-        let mut item = match tokio::time::timeout(wait, current.consumer.next()).await {
-            Ok(item) => item,
-            Err(_) => return Ok(Vec::new()),
-        };
-        let mut out = Vec::new();
-        loop {
-            match item {
-                Some(Ok(d)) => out.push(self.inner.track(generation, d)?),
-                Some(Err(e)) => {
-                    *slot = None;
-                    if out.is_empty() {
-                        return Err(e.into());
-                    }
-                    break;
-                }
-                None => {
-                    // RabbitMQ cancelled the consumer (queue deleted?): start over next time.
-                    *slot = None;
-                    if out.is_empty() {
-                        return Err(Error::ConsumerCancelled.into());
-                    }
-                    break;
-                }
-            }
-            if out.len() >= max {
-                break;
-            }
-            let Some(current) = slot.as_mut() else { break };
-            match current.consumer.next().now_or_never() {
-                Some(next) => item = next,
-                None => break,
-            }
-        }
-        Ok(out)
+    async fn claim(&self, max: usize, max_bytes: usize) -> Result<Vec<Delivery>, QueueError> {
+        Ok(self.inner.claim(max, max_bytes).await?)
+    }
+
+    /// Completes when RabbitMQ pushes a delivery to our consumer.
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.inner.await_delivery())
     }
 
     async fn ack(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
@@ -270,7 +225,12 @@ impl Broker for AmqpBroker {
         Ok(())
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        failed_at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
         let (tags, stale) = self.inner.current_tags(std::slice::from_ref(delivery))?;
         let Some(&tag) = tags.first() else {
             debug_assert!(stale > 0);
@@ -284,11 +244,7 @@ impl Broker for AmqpBroker {
             );
             h.insert(
                 FAILED_AT_HEADER.into(),
-                AMQPValue::LongString(
-                    Utc::now()
-                        .to_rfc3339_opts(SecondsFormat::Millis, true)
-                        .into(),
-                ),
+                AMQPValue::LongString(time_text(&failed_at).into()),
             );
         });
         self.inner
@@ -297,48 +253,13 @@ impl Broker for AmqpBroker {
         Ok(self.inner.ack_tags(&[tag]).await?)
     }
 
-    /// Reads dead letters with `basic_get` without acking them on a private channel, then closes
-    /// it so RabbitMQ puts them back where they were. While a listing runs, those messages are
-    /// invisible to other DLQ readers; a crash during it requeues them too, so nothing is lost.
     async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        let _one_at_a_time = self.inner.dlq_ops.lock().await;
-        let session = self.inner.session().await?;
-        let ch = session.conn.create_channel().await?;
-        let listed = async {
-            let mut out = Vec::new();
-            while out.len() < limit {
-                match ch
-                    .basic_get(&self.inner.dlq, BasicGetOptions { no_ack: false })
-                    .await?
-                {
-                    Some(m) => out.push(dead_letter_of(&m.delivery)),
-                    None => break,
-                }
-            }
-            Ok::<_, QueueError>(out)
-        }
-        .await;
-        let _ = ch.close(200, "dlq listed").await;
-        listed
+        Ok(self.inner.list(limit).await?)
     }
 
-    /// `id` is the task id.
-    async fn dlq_replay(&self, id: Option<&str>) -> Result<u64, QueueError> {
-        match id {
-            None => Ok(self.inner.replay_where(|_| true, false).await?),
-            Some(id) => match self.inner.replay_where(|t| t == id, true).await? {
-                0 => Err(QueueError::NotFound(id.to_owned())),
-                n => Ok(n),
-            },
-        }
-    }
-
-    async fn dlq_replay_many(&self, ids: &[String]) -> Result<u64, QueueError> {
-        let mut wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-        if wanted.is_empty() {
-            return Ok(0);
-        }
-        Ok(self.inner.replay_where(|t| wanted.remove(t), false).await?)
+    /// Ids are task ids.
+    async fn dlq_replay(&self, ids: &[String]) -> Result<u64, QueueError> {
+        Ok(self.inner.replay(ids).await?)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

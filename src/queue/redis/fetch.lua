@@ -1,12 +1,16 @@
--- Pops up to ARGV[1] envelopes (and about ARGV[4] bytes: at least one) from KEYS[1] and
--- records each as unacked, atomically. Returns {tag, envelope, tag, envelope, ...}.
+-- Pops up to ARGV[1] envelopes, and no more than ARGV[4] bytes of them unless the first alone
+-- is larger, from KEYS[1] and records each as unacked, atomically. Returns {tag, envelope, tag, envelope, ...}.
 -- KEYS: queue, unacked_index, unacked; ARGV: max, now, fallback tag prefix, max bytes.
 local out = {}
 local bytes = 0
+local max_bytes = tonumber(ARGV[4])
 for i = 1, tonumber(ARGV[1]) do
-  if bytes >= tonumber(ARGV[4]) then break end
-  local env = redis.call('RPOP', KEYS[1])
+  -- Looked at before it is popped: past the byte budget it stays first in line for the next
+  -- fetch (the first message is always taken, however large).
+  local env = redis.call('LINDEX', KEYS[1], -1)
   if not env then break end
+  if #out > 0 and bytes + #env > max_bytes then break end
+  redis.call('RPOP', KEYS[1])
   bytes = bytes + #env
   local tag, ex, rk = nil, '', KEYS[1]
   local ok, m = pcall(cjson.decode, env)

@@ -1,7 +1,6 @@
 //! Brokers for tests: one fixture per backend, each on a queue no other test uses, and the
 //! helpers every broker test needs (fetching until a count, counting what waits, cleaning up).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use mailhook::queue::{self, Broker, BrokerConfig, Delivery};
@@ -47,7 +46,7 @@ pub fn broker_cfg(url: &str, queue: &str, visibility: Duration) -> BrokerConfig 
 }
 
 /// Fetches until `n` deliveries arrived or 15 s passed.
-pub async fn fetch_n(b: &Arc<dyn Broker>, n: usize) -> Vec<Delivery> {
+pub async fn fetch_n(b: &Broker, n: usize) -> Vec<Delivery> {
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while got.len() < n && std::time::Instant::now() < deadline {
@@ -200,7 +199,7 @@ impl BrokerFixture {
     }
 
     /// A new connection to the fixture's queue.
-    pub async fn connect(&self) -> Arc<dyn Broker> {
+    pub async fn connect(&self) -> Broker {
         queue::connect(&self.cfg).await.expect("broker connects")
     }
 
