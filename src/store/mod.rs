@@ -49,45 +49,50 @@ impl StoreError {
     }
 }
 
-/// A stored `email_callback` row, as read back.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+/// A stored `email_callback` row, as read back: its id, and the columns as `insert_batch`
+/// wrote them (the database may reformat the JSON text of `callback_data` and `raw`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredCallback {
     /// Row id.
     pub id: i64,
-    /// `status`.
-    pub status: String,
-    /// `email`.
-    pub email: Option<String>,
-    /// `data_recebimento` (UTC).
-    pub data_recebimento: DateTime<Utc>,
-    /// `id_externo`.
-    pub id_externo: String,
-    /// `qj_contact_id`.
-    pub qj_contact_id: Option<i64>,
-    /// `event_at` (UTC).
-    pub event_at: Option<DateTime<Utc>>,
-    /// `status_name`.
-    pub status_name: Option<String>,
-    /// `error_name`.
-    pub error_name: Option<String>,
-    /// `error_permanent`.
-    pub error_permanent: Option<bool>,
-    /// `bulk_id`.
-    pub bulk_id: Option<String>,
-    /// `event_id`.
-    pub event_id: Option<String>,
-    /// `url`.
-    pub url: Option<String>,
-    /// `country`.
-    pub country: Option<String>,
-    /// `city`.
-    pub city: Option<String>,
-    /// `callback_data` as JSON text.
-    pub callback_data: Option<String>,
-    /// `raw` as JSON text.
-    pub raw: String,
-    /// `dedupe_key`.
-    pub dedupe_key: String,
+    /// Every other column.
+    pub callback: NewCallback,
+}
+
+/// Read by column name, on every database sqlx decodes these column types on.
+impl<'r, R> sqlx::FromRow<'r, R> for StoredCallback
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+        Ok(StoredCallback {
+            id: row.try_get("id")?,
+            callback: NewCallback {
+                status: row.try_get("status")?,
+                email: row.try_get("email")?,
+                data_recebimento: row.try_get("data_recebimento")?,
+                id_externo: row.try_get("id_externo")?,
+                qj_contact_id: row.try_get("qj_contact_id")?,
+                event_at: row.try_get("event_at")?,
+                status_name: row.try_get("status_name")?,
+                error_name: row.try_get("error_name")?,
+                error_permanent: row.try_get("error_permanent")?,
+                bulk_id: row.try_get("bulk_id")?,
+                event_id: row.try_get("event_id")?,
+                url: row.try_get("url")?,
+                country: row.try_get("country")?,
+                city: row.try_get("city")?,
+                callback_data: row.try_get("callback_data")?,
+                raw: row.try_get("raw")?,
+                dedupe_key: row.try_get("dedupe_key")?,
+            },
+        })
+    }
 }
 
 /// Where `email_callback` rows live.

@@ -58,7 +58,7 @@ async fn rows_of(app: &TestApp, message_id: &str) -> Vec<String> {
         .await
         .expect("rows")
         .into_iter()
-        .map(|r| r.status)
+        .map(|r| r.callback.status)
         .collect()
 }
 

@@ -30,19 +30,20 @@ async fn every_example_is_stored() {
         .expect("rows");
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
-    assert_eq!(r.status, "DELIVERED");
-    assert_eq!(r.email.as_deref(), Some("xbbvalle@mail.com"));
-    assert_eq!(r.qj_contact_id, Some(124127953));
+    assert_eq!(r.callback.status, "DELIVERED");
+    assert_eq!(r.callback.email.as_deref(), Some("xbbvalle@mail.com"));
+    assert_eq!(r.callback.qj_contact_id, Some(124127953));
     assert_eq!(
-        r.event_at.map(|t| t.to_rfc3339()),
+        r.callback.event_at.map(|t| t.to_rfc3339()),
         Some("2024-08-07T11:43:07.621+00:00".into())
     );
-    let age = chrono::Utc::now() - r.data_recebimento;
+    let age = chrono::Utc::now() - r.callback.data_recebimento;
     assert!(
         age.num_seconds().abs() < 60,
         "data_recebimento is the receive time"
     );
-    let cb: Value = serde_json::from_str(r.callback_data.as_deref().expect("cb")).expect("json");
+    let cb: Value =
+        serde_json::from_str(r.callback.callback_data.as_deref().expect("cb")).expect("json");
     assert_eq!(cb["qj_creditor_name"], "Geru");
 
     // One message, two events: DELIVERED and CLICKED of yfkgy9xol5kpl33u384n.
@@ -51,10 +52,10 @@ async fn every_example_is_stored() {
         .by_id_externo("yfkgy9xol5kpl33u384n")
         .await
         .expect("rows");
-    let statuses: Vec<_> = rows.iter().map(|r| r.status.as_str()).collect();
+    let statuses: Vec<_> = rows.iter().map(|r| r.callback.status.as_str()).collect();
     assert_eq!(statuses, ["DELIVERED", "CLICKED"]);
     assert_eq!(
-        rows[1].url.as_deref(),
+        rows[1].callback.url.as_deref(),
         Some("www.google.com?utm_medium=email")
     );
 
@@ -196,9 +197,9 @@ async fn largest_bucket_and_bare_and_numeric_shapes() {
     assert_eq!(app.post(numeric.to_string()).await.status(), 202);
     wait_for_rows(&app.store, 2001).await;
     let rows = app.store.by_id_externo("987654321").await.expect("rows");
-    assert_eq!(rows[0].status, "LATE_BOUNCE");
+    assert_eq!(rows[0].callback.status, "LATE_BOUNCE");
     let rows = app.store.by_id_externo("bulk-1999").await.expect("rows");
-    assert_eq!(rows[0].qj_contact_id, Some(7));
+    assert_eq!(rows[0].callback.qj_contact_id, Some(7));
     app.stop().await;
 }
 

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
-use mailhook::infobip::normalize;
+use chrono::{SubsecRound, Utc};
+use mailhook::infobip::{normalize, NewCallback};
 use mailhook::store::{self, Store};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -12,9 +12,20 @@ use sqlx::Connection;
 use crate::common::databases::{mysql_database, pg_database};
 use crate::common::{example, EXAMPLES};
 
-fn rows_of(name: &str) -> Vec<mailhook::infobip::NewCallback> {
+fn rows_of(name: &str) -> Vec<NewCallback> {
     let payload: Box<RawValue> = serde_json::from_str(&example(name)).expect("json");
     normalize(&payload, Utc::now()).expect("valid")
+}
+
+/// A row without what a database may rewrite: the JSON columns (compared as JSON) and the
+/// receive time below the microsecond.
+fn comparable(c: &NewCallback) -> NewCallback {
+    NewCallback {
+        data_recebimento: c.data_recebimento.trunc_subsecs(6),
+        callback_data: None,
+        raw: String::new(),
+        ..c.clone()
+    }
 }
 
 /// Every example's rows round-trip through the table column for column.
@@ -28,27 +39,12 @@ pub async fn examples_round_trip(s: Arc<dyn Store>) {
         );
         for r in &rows {
             let stored = s.by_id_externo(&r.id_externo).await.expect("read");
-            let got = stored
+            let got = &stored
                 .iter()
-                .find(|x| x.dedupe_key == r.dedupe_key)
-                .unwrap_or_else(|| panic!("{name}: row {} stored", r.id_externo));
-            assert_eq!(got.status, r.status);
-            assert_eq!(got.email, r.email);
-            assert_eq!(got.id_externo, r.id_externo);
-            assert_eq!(got.qj_contact_id, r.qj_contact_id);
-            assert_eq!(
-                got.data_recebimento.timestamp_micros(),
-                r.data_recebimento.timestamp_micros()
-            );
-            assert_eq!(got.event_at, r.event_at);
-            assert_eq!(got.status_name, r.status_name);
-            assert_eq!(got.error_name, r.error_name);
-            assert_eq!(got.error_permanent, r.error_permanent);
-            assert_eq!(got.bulk_id, r.bulk_id);
-            assert_eq!(got.event_id, r.event_id);
-            assert_eq!(got.url, r.url);
-            assert_eq!(got.country, r.country);
-            assert_eq!(got.city, r.city);
+                .find(|x| x.callback.dedupe_key == r.dedupe_key)
+                .unwrap_or_else(|| panic!("{name}: row {} stored", r.id_externo))
+                .callback;
+            assert_eq!(comparable(got), comparable(r), "{name}");
             let json = |s: &str| serde_json::from_str::<Value>(s).expect("json column");
             assert_eq!(
                 got.callback_data.as_deref().map(json),
@@ -102,15 +98,16 @@ pub async fn awkward_text(s: Arc<dyn Store>) {
     let rows = normalize(&payload, Utc::now()).expect("valid");
     assert_eq!(s.insert_batch(&rows).await.expect("insert"), 1);
     let got = s.by_id_externo("nul").await.expect("read");
-    assert_eq!(got[0].qj_contact_id, Some(5));
+    assert_eq!(got[0].callback.qj_contact_id, Some(5));
     assert!(got[0]
+        .callback
         .callback_data
         .as_deref()
         .is_some_and(|c| c.contains('🎁')));
 }
 
 /// The row that [`old_schema`] writes before upgrading: an event as normalize makes it.
-fn old_row() -> mailhook::infobip::NewCallback {
+fn old_row() -> NewCallback {
     rows_of("opened").remove(0)
 }
 
@@ -158,7 +155,7 @@ pub async fn upgrade_keeps_rows(s: Arc<dyn Store>, exact: bool) {
     }
     let got = s.by_id_externo(&r.id_externo).await.expect("read");
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].dedupe_key, r.dedupe_key);
+    assert_eq!(got[0].callback.dedupe_key, r.dedupe_key);
     let mut other = r.clone();
     other.dedupe_key = "another event".to_owned();
     s.insert_batch(&[other]).await.expect("insert");

@@ -437,12 +437,16 @@ pub async fn mailhook_stores_the_examples(
             .expect("by id");
         let row = rows
             .iter()
-            .find(|r| r.status == want.status && r.event_at == want.event_at)
+            .find(|r| r.callback.status == want.status && r.callback.event_at == want.event_at)
             .unwrap_or_else(|| panic!("no row {} {}: {rows:?}", want.id_externo, want.status));
-        assert_eq!(row.email, want.email, "{}", want.id_externo);
-        assert_eq!(row.qj_contact_id, want.qj_contact_id, "{}", want.id_externo);
+        assert_eq!(row.callback.email, want.email, "{}", want.id_externo);
+        assert_eq!(
+            row.callback.qj_contact_id, want.qj_contact_id,
+            "{}",
+            want.id_externo
+        );
         // Python sends no received_at: the worker's clock stands in.
-        assert!(row.data_recebimento >= before - chrono::Duration::seconds(1));
+        assert!(row.callback.data_recebimento >= before - chrono::Duration::seconds(1));
     }
     expected.len()
 }
