@@ -1,9 +1,10 @@
 //! mailhook: receives Infobip e-mail callbacks, queues them durably, stores one row per event.
 //!
 //! `infobip` is the pure payload logic; `queue` and `store` are the two I/O seams, each a trait
-//! with one implementation per backend; `http` and `worker` sit on top; `app` wires them.
-//! `json` (the lazy JSON reader) and `sqlite` (SQLite settings shared by the queue and the store)
-//! are leaves that several layers use.
+//! with one implementation per backend (the queue's shared policy in `queue::Broker`); `http`
+//! and `worker` sit on top; `app` wires them from `config`. `json` (the lazy JSON reader),
+//! `sqlite` (SQLite settings shared by the queue and the store) and `secret` (credentials) are
+//! leaves. Each module imports only from those below it (README, Layout).
 
 pub mod app;
 pub mod config;
