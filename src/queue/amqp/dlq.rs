@@ -92,7 +92,7 @@ impl Inner {
     }
 }
 
-pub(super) fn dead_letter_of(d: &AmqpDelivery) -> DeadLetter {
+fn dead_letter_of(d: &AmqpDelivery) -> DeadLetter {
     let headers = d.properties.headers().as_ref();
     let get = |k: &str| headers.and_then(|h| h.inner().get(k));
     DeadLetter {

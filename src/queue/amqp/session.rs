@@ -86,7 +86,7 @@ pub(super) async fn supervise(inner: Weak<Inner>, stop: CancellationToken) {
 
 impl Inner {
     /// The live session, if any.
-    pub(super) fn current(&self) -> Option<Arc<Session>> {
+    fn current(&self) -> Option<Arc<Session>> {
         let s = self.session.read().ok()?.clone()?;
         s.alive().then_some(s)
     }

@@ -1,5 +1,6 @@
 -- Pops up to ARGV[1] envelopes, and no more than ARGV[4] bytes of them unless the first alone
--- is larger, from KEYS[1] and records each as unacked, atomically. Returns {tag, envelope, tag, envelope, ...}.
+-- is larger, from KEYS[1] and records each as unacked, atomically.
+-- Returns {tag, envelope, tag, envelope, ...}.
 -- KEYS: queue, unacked_index, unacked; ARGV: max, now, fallback tag prefix, max bytes.
 local out = {}
 local bytes = 0
