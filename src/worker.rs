@@ -140,18 +140,7 @@ impl Worker {
                     ends.push(rows.len());
                     good.push(d);
                 }
-                Err(e) => {
-                    let reason = with_causes(&e);
-                    tracing::error!(task_id = %d.task_id, %reason, "dead-lettering message");
-                    if let Err(e) = self.broker.dead_letter(&d, &reason).await {
-                        // Not acked either: the message comes back and we try again.
-                        tracing::error!(
-                            task_id = %d.task_id,
-                            error = &e as &dyn std::error::Error,
-                            "dead-letter failed"
-                        );
-                    }
-                }
+                Err(e) => self.dead_letter(&d, &with_causes(&e)).await,
             }
         }
         if good.is_empty() {
@@ -189,6 +178,19 @@ impl Worker {
         }
     }
 
+    /// Parks a message on the dead-letter queue with `reason`.
+    async fn dead_letter(&self, d: &Delivery, reason: &str) {
+        tracing::error!(task_id = %d.task_id, %reason, "dead-lettering message");
+        if let Err(e) = self.broker.dead_letter(d, reason).await {
+            // Not acked either: the message comes back and we try again.
+            tracing::error!(
+                task_id = %d.task_id,
+                error = &e as &dyn std::error::Error,
+                "dead-letter failed"
+            );
+        }
+    }
+
     async fn ack(&self, done: &[Delivery]) {
         if let Err(e) = self.broker.ack(done).await {
             // The rows are committed; redelivery will find them and insert nothing.
@@ -210,14 +212,7 @@ impl Worker {
                 d.attempts,
                 with_causes(error)
             );
-            tracing::error!(task_id = %d.task_id, %reason, "dead-lettering message");
-            if let Err(e) = self.broker.dead_letter(d, &reason).await {
-                tracing::error!(
-                    task_id = %d.task_id,
-                    error = &e as &dyn std::error::Error,
-                    "dead-letter failed"
-                );
-            }
+            self.dead_letter(d, &reason).await;
         }
         if again.is_empty() {
             return;
