@@ -1,37 +1,70 @@
 #!/usr/bin/env bash
-# mailhook benchmark: accept path, end to end, memory and CPU, against a bare-axum ceiling,
-# for every backend this build and machine support. Writes bench/RESULTS.md (and a latency PNG
-# when gnuplot is available).
+# mailhook benchmark: accept path, end to end, memory, CPU and disk writes, against a bare-axum
+# ceiling and against the seed's own Flask + gunicorn + Celery + Redis + SQLite stack (the
+# "original"), for every backend this build and machine support; then the ingest rate as the
+# table grows, and the cost model (CPU and bytes per request and per event at each stage, beside
+# the physical floor of each). Writes the generated part of bench/RESULTS.md (and a latency PNG
+# when gnuplot is available); the hand-written analysis around it is kept.
 #
-#   bench/run.sh                         # the real run: 15 s per load phase
-#   BENCH_DURATION=3 bench/run.sh        # a quick run
+#   bench/run.sh                         # the full run (about 40 min on 2 cores)
+#   BENCH_DURATION=3 BENCH_RUNS=1 bench/run.sh     # a quick run
 #
 # Knobs (environment):
+#   BENCH_SECTIONS        what to run                                ("throughput growth cost")
 #   BENCH_DURATION        seconds of load per phase                  (15)
+#   BENCH_RUNS            runs of each throughput phase; throughput is the median of the runs,
+#                         p99 and max the worst                      (3)
 #   BENCH_CONNECTIONS     concurrent connections                     (64)
 #   BENCH_THREADS         wrk threads                                (2)
-#   BENCH_CONFIGS         which configurations                       ("sqlite redis amqp")
-#   BENCH_PAYLOADS        which payloads                             ("report5 opened")
+#   BENCH_CONFIGS         which configurations                       ("anchor sqlite redis amqp")
+#   BENCH_PAYLOADS        which payloads                             ("report5 opened report100")
+#   BENCH_IDS             messageIds: random (20 lowercase letters and digits, as Infobip makes
+#                         them) or sequential (the old run-prefix-counter ids)     (random)
+#   BENCH_ANCHOR          the seed's stack     (../shared/anchors/flask-celery from the checkout)
+#   BENCH_GROWTH_SIZES    stored events before the growth phases     ("0 1000000"; the full
+#                         measurement is "0 1000000 10000000": about 35 GB of disk, 30+ min)
+#   BENCH_GROWTH_CONFIGS  configurations for the growth phases       ("sqlite redis")
+#   BENCH_GROWTH_PAYLOAD  payload of the growth phases               (report5)
+#   BENCH_COST_EVENTS     events written by each floor example       (100000)
+#   BENCH_TAIL_CONFIGS    the tail experiments, each BENCH_RUNS times on BENCH_TAIL_PAYLOADS
+#                         ("sqlite sqlite+api sqlite+tmpfs sqlite+warn sqlite+strace"): embedded
+#                         as is; +api: API alone (--no-worker); +tmpfs: queue and table in
+#                         /dev/shm (no disk flush); +warn: RUST_LOG=warn; +strace: every
+#                         fsync/fdatasync timed by strace, per thread
+#   BENCH_TAIL_PAYLOADS   payloads of the tail experiments           ("report5 opened")
 #   BENCH_DRAIN_TIMEOUT   seconds to wait for the table to catch up  (300)
 #   BENCH_RUST_LOG        mailhook's RUST_LOG (production default)   (info)
 #   BENCH_PORT            first TCP port used on 127.0.0.1           (18700)
 #   BENCH_OUT             report path                                (bench/RESULTS.md)
+#   BENCH_KEEP            set: keep the work dir (logs, wrk output, results.jsonl) at the end
 #   PG_URL / REDIS_URL / AMQP_URL   the services (defaults: 127.0.0.1, postgres trust auth,
 #                                   redis db 0, guest/guest on vhost /)
 #
 # Load only ever targets 127.0.0.1 and every phase is bounded in time. Each phase gets a fresh
-# temp dir, a fresh PostgreSQL database and its own queue name; everything this script started
-# is stopped, and every database and queue it created is dropped, on exit.
+# temp dir, a fresh PostgreSQL database and its own queue name; the original runs on a Redis
+# server of its own (on BENCH_PORT - 1, nothing saved to disk), so its Celery keys never meet
+# anyone else's. Everything this script started is stopped, and every database and queue it
+# created is dropped, on exit.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
+SECTIONS=${BENCH_SECTIONS:-throughput growth cost tail}
 DURATION=${BENCH_DURATION:-15}
+RUNS=${BENCH_RUNS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 THREADS=${BENCH_THREADS:-2}
-CONFIGS=${BENCH_CONFIGS:-sqlite redis amqp}
-PAYLOADS=${BENCH_PAYLOADS:-report5 opened}
+CONFIGS=${BENCH_CONFIGS:-anchor sqlite redis amqp}
+PAYLOADS=${BENCH_PAYLOADS:-report5 opened report100}
+IDS=${BENCH_IDS:-random}
+ANCHOR=${BENCH_ANCHOR:-$ROOT/../shared/anchors/flask-celery}
+GROWTH_SIZES=${BENCH_GROWTH_SIZES:-0 1000000}
+GROWTH_CONFIGS=${BENCH_GROWTH_CONFIGS:-sqlite redis}
+GROWTH_PAYLOAD=${BENCH_GROWTH_PAYLOAD:-report5}
+COST_EVENTS=${BENCH_COST_EVENTS:-100000}
+TAIL_CONFIGS=${BENCH_TAIL_CONFIGS:-sqlite sqlite+api sqlite+tmpfs sqlite+warn sqlite+strace}
+TAIL_PAYLOADS=${BENCH_TAIL_PAYLOADS:-report5 opened}
 DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-300}
 MH_LOG=${BENCH_RUST_LOG:-info}
 PORT=${BENCH_PORT:-18700}
@@ -39,6 +72,10 @@ OUT=${BENCH_OUT:-bench/RESULTS.md}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+ANCHOR_REDIS_PORT=$((PORT - 1))
+
+case $IDS in random | sequential) ;; *) echo "BENCH_IDS must be random or sequential" >&2; exit 2 ;; esac
+has() { [[ " $1 " == *" $2 "* ]]; }
 
 RUN_ID=$(date +%Y%m%d%H%M%S)$$
 WORK=$(mktemp -d "/tmp/mailhook-bench.XXXXXX")
@@ -50,16 +87,17 @@ PIDS=()
 PG_DBS=()
 QUEUES=()
 CLK_TCK=$(getconf CLK_TCK)
+T_START=$(date +%s)
 
 log() { printf '==> %s\n' "$*" >&2; }
 note() { printf '%s\n' "$*" >>"$NOTES"; log "NOTE: $*"; }
 now() { date +%s.%N; }
 
-stop_pid() { # pid: SIGTERM, then SIGKILL after 15 s
+stop_pid() { # pid: SIGTERM, then SIGKILL after 30 s (Celery's prefork pool takes its time)
   local pid=$1
-  kill -0 "$pid" 2>/dev/null || return 0
+  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 150); do
+  for _ in $(seq 1 300); do
     kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
     sleep 0.1
   done
@@ -69,7 +107,10 @@ stop_pid() { # pid: SIGTERM, then SIGKILL after 15 s
 
 cleanup() {
   local pid db q
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+  # Descendants too (a tracee that strace leaves behind, a Celery pool child), found first.
+  local -a tree=()
+  for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && tree+=($(tree_pids "$pid")); done
+  for pid in "${PIDS[@]}" "${tree[@]}"; do stop_pid "$pid"; done
   for db in "${PG_DBS[@]}"; do
     psql "$PG_URL/postgres" -qAtc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
   done
@@ -83,7 +124,8 @@ cleanup() {
       rabbitmqctl -q delete_queue "$q.dlq" >/dev/null 2>&1 || true
     fi
   done
-  rm -rf "$WORK"
+  rm -rf /dev/shm/mailhook-bench-"$RUN_ID"-*
+  if [[ -n ${BENCH_KEEP:-} ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -107,20 +149,49 @@ if ! command -v gnuplot >/dev/null; then
   apt_install gnuplot-nox || note "gnuplot unavailable: no latency plot"
 fi
 
+# The original: checked before anything is built, so a missing anchor fails at once.
+if has "$CONFIGS" anchor && has "$SECTIONS" throughput; then
+  if [[ ! -f $ANCHOR/app.py || ! -f $ANCHOR/tasks.py || ! -f $ANCHOR/models.py ]]; then
+    echo "bench/run.sh: the seed's Flask + Celery stack is not at $ANCHOR" >&2
+    echo "  (expected app.py, tasks.py, models.py: shared/anchors/flask-celery beside the checkout)." >&2
+    echo "  Point BENCH_ANCHOR at it, or leave 'anchor' out of BENCH_CONFIGS." >&2
+    exit 2
+  fi
+  ANCHOR=$(cd "$ANCHOR" && pwd)
+  command -v redis-server >/dev/null || { log "installing redis-server (the original's broker)"; apt_install redis-server; }
+fi
+
 # ---------------------------------------------------------------------------------------------
 # Build once
 # ---------------------------------------------------------------------------------------------
-BUILD_CMD="cargo build --release --bin mailhook --example bare_axum"
+BUILD_CMD="cargo build --release --bin mailhook --example bare_axum --example bare_append --example bare_insert --example prefill"
 log "$BUILD_CMD"
 $BUILD_CMD >&2
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 # Copy the binaries: the target dir is shared, and a concurrent build must not swap them mid-run.
 mkdir -p "$WORK/bin"
-cp "$TARGET_DIR/release/mailhook" "$WORK/bin/mailhook"
-cp "$TARGET_DIR/release/examples/bare_axum" "$WORK/bin/bare_axum"
+for b in mailhook examples/bare_axum examples/bare_append examples/bare_insert examples/prefill; do
+  cp "$TARGET_DIR/release/$b" "$WORK/bin/"
+done
 MAILHOOK=$WORK/bin/mailhook
 BARE=$WORK/bin/bare_axum
+
+# The original's virtualenv, pinned, rebuilt when the requirements change (as the tests build
+# target/celery-venv).
+ANCHOR_VENV=$TARGET_DIR/anchor-venv
+ANCHOR_PY=$ANCHOR_VENV/bin/python
+ensure_anchor_venv() {
+  local reqs=$ROOT/bench/anchor-requirements.txt want
+  want=$(sha256sum "$reqs" | cut -d' ' -f1)
+  if [[ $(cat "$ANCHOR_VENV/requirements.sha256" 2>/dev/null) == "$want" ]]; then return 0; fi
+  log "building $ANCHOR_VENV (pip install, once)"
+  # Chained: this runs under `||`, where set -e does not stop at a failed pip.
+  rm -rf "$ANCHOR_VENV" &&
+    python3 -m venv "$ANCHOR_VENV" >&2 &&
+    "$ANCHOR_VENV/bin/pip" install --quiet --disable-pip-version-check --timeout 60 -r "$reqs" >&2 &&
+    echo "$want" >"$ANCHOR_VENV/requirements.sha256"
+}
 
 # ---------------------------------------------------------------------------------------------
 # Payloads: templates with @ID@ where each messageId goes (filled per request by post.lua)
@@ -128,23 +199,62 @@ BARE=$WORK/bin/bare_axum
 python3 - "$ROOT/tests/fixtures/examples" "$WORK" <<'PY'
 import json, sys
 src, work = sys.argv[1], sys.argv[2]
-def template(name, out):
-    d = json.load(open(f"{src}/{name}"))
-    events = d["results"] if "results" in d else [d]
+def write(out, d, events):
     for e in events:
         e["messageId"] = "@ID@"
     text = json.dumps(d, separators=(",", ":"), ensure_ascii=False)
     open(f"{work}/{out}.json", "w").write(text)
     open(f"{work}/{out}.events", "w").write(str(len(events)))
+def template(name, out):
+    d = json.load(open(f"{src}/{name}"))
+    write(out, d, d["results"] if "results" in d else [d])
 template("delivered-dict.json", "report5")
 template("opened.json", "opened")
+# Infobip's default bucket: 100 results in one report (the example's five, twenty times over).
+d = json.load(open(f"{src}/delivered-dict.json"))
+d["results"] = [json.loads(json.dumps(r)) for _ in range(20) for r in d["results"]]
+write("report100", d, d["results"])
 PY
 
 # ---------------------------------------------------------------------------------------------
 # Measurement helpers
 # ---------------------------------------------------------------------------------------------
-cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+tree_pids() { # pid: the pid and all its descendants
+  local p=$1 c
+  echo "$p"
+  for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do tree_pids "$c"; done
+}
+# CPU ticks of a process tree: utime + stime of every live member, plus cutime + cstime (its
+# children that have exited and been waited for, e.g. recycled workers).
+cpu_ticks() {
+  local p sum=0 t
+  for p in $(tree_pids "$1"); do
+    t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13 + $14 + $15}') || continue
+    sum=$((sum + ${t:-0}))
+  done
+  echo "$sum"
+}
+hwm_kb() { # peak RSS of a tree: the sum of each member's VmHWM
+  local p sum=0 v
+  for p in $(tree_pids "$1"); do
+    v=$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+    sum=$((sum + ${v:-0}))
+  done
+  echo "$sum"
+}
+write_bytes() { # bytes a tree caused to be written to storage (/proc/PID/io)
+  local p sum=0 v
+  for p in $(tree_pids "$1"); do
+    v=$(awk '/^write_bytes:/ {print $2}' "/proc/$p/io" 2>/dev/null) || continue
+    sum=$((sum + ${v:-0}))
+  done
+  echo "$sum"
+}
+file_bytes() { # paths...: total size of those that exist
+  local f sum=0
+  for f in "$@"; do [[ -e $f ]] && sum=$((sum + $(stat -c %s "$f"))); done
+  echo "$sum"
+}
 
 wait_health() { # port pid...: 0 when /health answers 200 while the processes live
   local port=$1; shift
@@ -157,70 +267,220 @@ wait_health() { # port pid...: 0 when /health answers 200 while the processes li
   return 1
 }
 
-wait_port() { # port: bare_axum has no /health; wait until it accepts connections
-  for _ in $(seq 1 100); do
+wait_port() { # port [pid]: until something accepts connections on the port
+  for _ in $(seq 1 300); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    [[ -n ${2:-} ]] && { kill -0 "$2" 2>/dev/null || return 1; }
     sleep 0.1
   done
   return 1
 }
 
-count_rows() { # db_url
+count_rows() { # db_url [above_id]: rows with an id above above_id (rows added since a prefill)
+  local q="SELECT count(*) FROM email_callback WHERE id > ${2:-0}"
   case $1 in
-    sqlite://*) sqlite3 -cmd '.timeout 10000' "${1#sqlite://}" 'SELECT count(*) FROM email_callback' ;;
-    postgres://*) psql "$1" -qAtc 'SELECT count(*) FROM email_callback' ;;
+    sqlite://*) sqlite3 -cmd '.timeout 10000' "${1#sqlite://}" "$q" ;;
+    postgres://*) psql "$1" -qAtc "$q" ;;
+  esac
+}
+max_id() { # db_url
+  case $1 in
+    sqlite://*) sqlite3 -cmd '.timeout 10000' "${1#sqlite://}" 'SELECT coalesce(max(id), 0) FROM email_callback' ;;
+    postgres://*) psql "$1" -qAtc 'SELECT coalesce(max(id), 0) FROM email_callback' ;;
   esac
 }
 
 run_wrk() { # url payload out_file
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s --latency \
-    -s "$ROOT/bench/post.lua" "$1" -- "$WORK/$2.json" "$RUN_ID-$PHASE" >"$3" 2>&1
+    -s "$ROOT/bench/post.lua" "$1" -- "$WORK/$2.json" "$RUN_ID-$PHASE" "$IDS" >"$3" 2>&1
   grep '^WRKJSON ' "$3" | sed 's/^WRKJSON //'
+}
+wrk_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+
+# Waits until the table holds every accepted event, then until the count stops moving (requests
+# cut off by wrk's deadline may have been committed too). Sets ROWS, ROWS_AT_LOAD_END, T_LAST,
+# DRAINED.
+wait_rows() { # db_url expected t_load_end above_id
+  local db_url=$1 expected=$2 t_load=$3 above=$4
+  ROWS_AT_LOAD_END=$(count_rows "$db_url" "$above")
+  ROWS=$ROWS_AT_LOAD_END T_LAST=$t_load DRAINED=true
+  local prev=-1 stable=0 deadline t
+  deadline=$(awk -v t="$t_load" -v d="$DRAIN_TIMEOUT" 'BEGIN{printf "%.3f", t + d}')
+  while :; do
+    t=$(now)
+    ROWS=$(count_rows "$db_url" "$above")
+    if [[ $ROWS != "$prev" ]]; then prev=$ROWS; T_LAST=$t; stable=0; else stable=$((stable + 1)); fi
+    if ((ROWS >= expected && stable >= 4)); then break; fi
+    if awk -v a="$t" -v b="$deadline" 'BEGIN{exit !(a > b)}'; then DRAINED=false; break; fi
+    sleep 0.25
+  done
+}
+
+# Per-process figures, as a JSON list: name, peak RSS, CPU s and bytes written over the phase.
+procs_json() { # "name|pid|cpu0_ticks|wb0" ...
+  local out="[" sep="" spec name pid c0 w0 hwm cpu wb
+  for spec in "$@"; do
+    IFS='|' read -r name pid c0 w0 <<<"$spec"
+    if kill -0 "$pid" 2>/dev/null; then
+      hwm=$(hwm_kb "$pid")
+      cpu=$(awk -v a="$(cpu_ticks "$pid")" -v b="$c0" -v hz="$CLK_TCK" 'BEGIN{printf "%.3f", (a - b) / hz}')
+      wb=$(($(write_bytes "$pid") - w0))
+    else
+      hwm=null; cpu=null; wb=null
+      note "$CUR: $name died during the phase"
+    fi
+    out+="$sep{\"name\":\"$name\",\"vmhwm_kb\":$hwm,\"cpu_s\":$cpu,\"write_bytes\":$wb}"
+    sep=","
+  done
+  echo "$out]"
+}
+proc_spec() { echo "$1|$2|$(cpu_ticks "$2")|$(write_bytes "$2")"; }
+
+# ---------------------------------------------------------------------------------------------
+# The original's broker: a Redis server of its own, nothing saved, as the anchor's bench runs it
+# ---------------------------------------------------------------------------------------------
+ANCHOR_REDIS_PID=
+start_anchor_redis() {
+  [[ -n $ANCHOR_REDIS_PID ]] && return 0
+  if redis-cli -p "$ANCHOR_REDIS_PORT" ping >/dev/null 2>&1; then
+    note "anchor: something already answers on port $ANCHOR_REDIS_PORT; set BENCH_PORT elsewhere"
+    return 1
+  fi
+  mkdir -p "$WORK/anchor-redis"
+  redis-server --bind 127.0.0.1 --port "$ANCHOR_REDIS_PORT" --save "" --appendonly no \
+    --dir "$WORK/anchor-redis" --daemonize no >"$WORK/anchor-redis/redis.log" 2>&1 &
+  ANCHOR_REDIS_PID=$!; PIDS+=("$!")
+  for _ in $(seq 1 100); do
+    redis-cli -p "$ANCHOR_REDIS_PORT" ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  note "anchor: its Redis server did not start ($(tail -n1 "$WORK/anchor-redis/redis.log"))"
+  return 1
+}
+
+# strace lines ("TID 1732871234.123456 fsync(12</path/f.db-wal>) = 0 <0.001234>") -> per file:
+# calls during the load, p50/p99/max ms, and the time spent in them.
+fsync_summary() { # strace_file t_load_start t_load_end
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, re, sys
+t0, t1 = float(sys.argv[2]), float(sys.argv[3])
+by = {}
+for l in open(sys.argv[1]):
+    m = re.match(r"\d+\s+([\d.]+)\s+(fsync|fdatasync)\(\d+<([^>]*)>\).*<([\d.]+)>", l)
+    if m and t0 <= float(m.group(1)) <= t1:
+        f = m.group(3).rsplit("/", 1)[-1]
+        by.setdefault(f"{m.group(2)} {f}", []).append(float(m.group(4)) * 1e3)
+out = {}
+for k, v in sorted(by.items()):
+    v.sort()
+    q = lambda f: v[min(len(v) - 1, round((len(v) - 1) * f))]
+    out[k] = {"n": len(v), "p50_ms": round(q(.5), 3), "p99_ms": round(q(.99), 3),
+              "max_ms": round(v[-1], 3), "total_s": round(sum(v) / 1e3, 3), "span_s": round(t1 - t0, 3)}
+print(json.dumps(out))
+PY
 }
 
 PHASE=0
+RUN=1
+SECTION=throughput
+GROWTH_DB=       # growth: the database the phase writes to (prefilled), instead of a fresh one
+PREFILLED=0      # growth: events stored before the phase
+PREFILL_S=null   # growth: seconds the prefill took
 # One phase: fresh processes, load for DURATION, then wait for the table to hold every event.
-phase() { # config payload
-  local config=$1 payload=$2
+phase() { # config[+modifier...] payload (modifiers: see BENCH_TAIL_CONFIGS)
+  local config=${1%%+*} mods="+${1#*+}+" payload=$2
+  [[ $1 == *+* ]] || mods=""
+  local label=$1
   PHASE=$((PHASE + 1))
-  local port=$((PORT + PHASE)) dir="$WORK/$config-$payload"
+  CUR="$label/$payload"
+  local port=$((PORT + PHASE)) dir="$WORK/$PHASE-$config-$payload"
+  # +tmpfs: the databases in memory, so that no commit waits for the disk.
+  local dbdir=$dir
+  [[ $mods == *+tmpfs+* ]] && { dbdir="/dev/shm/mailhook-bench-$RUN_ID-$PHASE"; mkdir -p "$dbdir"; }
   local events_per_req
   events_per_req=$(cat "$WORK/$payload.events")
   mkdir -p "$dir"
   local queue="mailhook-bench-$RUN_ID-$PHASE"
-  local db_url broker_url
-  local -a pids=() names=()
+  local db_url="" broker_url
+  local -a specs=() pids=()
 
   case $config in
     ceiling)
       "$BARE" "127.0.0.1:$port" >"$dir/bare.log" 2>&1 &
-      pids=($!); names=(bare_axum); PIDS+=("$!")
-      wait_port "$port" || { note "bare_axum did not start"; return 1; }
+      pids=($!); PIDS+=("$!")
+      wait_port "$port" "$!" || { note "bare_axum did not start"; return 1; }
+      ;;
+    anchor)
+      ensure_anchor_venv || { note "anchor: its virtualenv could not be built"; return 1; }
+      start_anchor_redis || return 1
+      redis-cli -p "$ANCHOR_REDIS_PORT" DEL email-webhook unacked unacked_index >/dev/null
+      db_url="sqlite://$dir/anchor.db"
+      # The anchor's own files, run where they are; bytecode goes to the work dir, so the
+      # anchor (shared, maybe read-only) is never written to.
+      export DATABASE_URL="sqlite:///$dir/anchor.db" CELERY_BROKER_URL="redis://127.0.0.1:$ANCHOR_REDIS_PORT/0"
+      export PYTHONPYCACHEPREFIX=$WORK/pycache
+      (cd "$ANCHOR" && "$ANCHOR_PY" models.py) >"$dir/models.log" 2>&1 || {
+        note "anchor: models.py failed: $(tail -n1 "$dir/models.log")"; return 1; }
+      local node="bench-$RUN_ID-$PHASE@localhost"
+      (cd "$ANCHOR" && exec "$ANCHOR_PY" -m celery -A tasks worker -Q email-webhook -c 2 -P prefork \
+        --loglevel=WARNING -n "$node") >"$dir/celery.log" 2>&1 &
+      pids+=($!); PIDS+=("$!")
+      (cd "$ANCHOR" && exec "$ANCHOR_PY" -m gunicorn -w 2 -b "127.0.0.1:$port" --log-level warning \
+        app:app) >"$dir/gunicorn.log" 2>&1 &
+      pids+=($!); PIDS+=("$!")
+      local ready=false
+      if wait_port "$port" "${pids[1]}"; then
+        for _ in $(seq 1 40); do
+          kill -0 "${pids[0]}" 2>/dev/null || break
+          if (cd "$ANCHOR" && "$ANCHOR_PY" -m celery -A tasks inspect ping -d "$node" --timeout 1) \
+            >/dev/null 2>&1; then ready=true; break; fi
+        done
+      fi
+      unset DATABASE_URL CELERY_BROKER_URL PYTHONPYCACHEPREFIX
+      if [[ $ready != true ]]; then
+        note "anchor: did not come up ($(tail -qn1 "$dir/celery.log" "$dir/gunicorn.log" | tr '\n' ' ' | cut -c1-300))"
+        local pid; for pid in "${pids[@]}"; do stop_pid "$pid"; done
+        return 1
+      fi
       ;;
     sqlite | redis | amqp)
-      if [[ $config == sqlite ]]; then
-        db_url="sqlite://$dir/mailhook.db"
-        broker_url="sqlite://$dir/mailhook-queue.db"
+      if [[ -n $GROWTH_DB ]]; then
+        db_url=$GROWTH_DB
+      elif [[ $config == sqlite ]]; then
+        db_url="sqlite://$dbdir/mailhook.db"
       else
         local db="mailhook_bench_${RUN_ID}_$PHASE"
         psql "$PG_URL/postgres" -qAtc "CREATE DATABASE \"$db\"" >/dev/null
         PG_DBS+=("$db")
         db_url="$PG_URL/$db"
-        if [[ $config == redis ]]; then broker_url=$REDIS_URL; else broker_url=$AMQP_URL; fi
       fi
+      case $config in
+        sqlite) broker_url="sqlite://$dbdir/mailhook-queue.db" ;;
+        redis) broker_url=$REDIS_URL ;;
+        amqp) broker_url=$AMQP_URL ;;
+      esac
       QUEUES+=("$queue")
-      export DATABASE_URL=$db_url BROKER_URL=$broker_url MAILHOOK_QUEUE=$queue RUST_LOG=$MH_LOG
+      local rust_log=$MH_LOG
+      [[ $mods == *+warn+* ]] && rust_log=warn
+      export DATABASE_URL=$db_url BROKER_URL=$broker_url MAILHOOK_QUEUE=$queue RUST_LOG=$rust_log
       "$MAILHOOK" migrate >"$dir/migrate.log" 2>&1 || {
         note "$config: migrate failed: $(tail -n1 "$dir/migrate.log")"; return 1; }
-      if [[ $config == sqlite ]]; then
-        "$MAILHOOK" serve --bind "127.0.0.1:$port" >"$dir/serve.log" 2>&1 &
-        pids=($!); names=("mailhook serve"); PIDS+=("$!")
+      local -a wrap=()
+      # +strace: only fsync and fdatasync stop the process (seccomp filter), each timed (-T).
+      # -y names each call's file, -ttt stamps when it started.
+      [[ $mods == *+strace+* ]] && wrap=(strace -f --seccomp-bpf -e trace=fsync,fdatasync -y -ttt -T -qq -o "$dir/strace.txt")
+      if [[ $config == sqlite && $mods == *+api+* ]]; then
+        "${wrap[@]}" "$MAILHOOK" serve --no-worker --bind "127.0.0.1:$port" >"$dir/serve.log" 2>&1 &
+        pids=($!); PIDS+=("$!")
+        db_url=""   # nothing is stored: no end-to-end figure
+      elif [[ $config == sqlite ]]; then
+        "${wrap[@]}" "$MAILHOOK" serve --bind "127.0.0.1:$port" >"$dir/serve.log" 2>&1 &
+        pids=($!); PIDS+=("$!")
       else
         "$MAILHOOK" serve --no-worker --bind "127.0.0.1:$port" >"$dir/serve.log" 2>&1 &
         pids=($!); PIDS+=("$!")
         "$MAILHOOK" worker >"$dir/worker.log" 2>&1 &
         pids+=($!); PIDS+=("$!")
-        names=("mailhook serve --no-worker" "mailhook worker")
       fi
       unset DATABASE_URL BROKER_URL MAILHOOK_QUEUE RUST_LOG
       if ! wait_health "$port" "${pids[@]}"; then
@@ -233,73 +493,200 @@ phase() { # config payload
       fi
       ;;
   esac
-
-  local -a cpu0=()
+  local -a names
+  case $config in
+    ceiling) names=(bare_axum) ;;
+    anchor) names=("celery worker -c 2" "gunicorn -w 2") ;;
+    sqlite) names=("mailhook serve") ;;
+    *) names=("mailhook serve --no-worker" "mailhook worker") ;;
+  esac
   local i
-  for i in "${!pids[@]}"; do cpu0[i]=$(cpu_ticks "${pids[i]}"); done
+  for i in "${!pids[@]}"; do specs+=("$(proc_spec "${names[i]}" "${pids[i]}")"); done
+  [[ $config == anchor ]] && specs+=("$(proc_spec "redis-server (the original's)" "$ANCHOR_REDIS_PID")")
+  local above=0
+  [[ -n $db_url && $PREFILLED -gt 0 ]] && above=$(max_id "$db_url")
 
-  log "phase $PHASE: $config / $payload: ${DURATION}s, $CONNECTIONS connections"
+  log "phase $PHASE ($SECTION, run $RUN): $config / $payload: ${DURATION}s, $CONNECTIONS connections"
   local t0 t_load wrk_json
   t0=$(now)
   wrk_json=$(run_wrk "http://127.0.0.1:$port/email" "$payload" "$dir/wrk.txt")
   t_load=$(now)
   [[ -n $wrk_json ]] || { note "$config/$payload: wrk printed no summary: $(tail -n3 "$dir/wrk.txt")"; return 1; }
   local requests status_errors
-  requests=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$wrk_json")
-  status_errors=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["status_errors"])' "$wrk_json")
+  requests=$(wrk_field "$wrk_json" requests)
+  status_errors=$(wrk_field "$wrk_json" status_errors)
   local accepted=$((requests - status_errors))
-  local expected=$((accepted * events_per_req))
 
-  local rows_at_load_end=null rows=0 t_last="$t_load" drained=true
-  if [[ $config != ceiling ]]; then
-    rows_at_load_end=$(count_rows "$db_url")
-    rows=$rows_at_load_end
-    local prev=-1 deadline stable=0
-    deadline=$(awk -v t="$t_load" -v d="$DRAIN_TIMEOUT" 'BEGIN{printf "%.3f", t + d}')
-    # Until every accepted event is a row, then until the count stops moving (requests cut
-    # off by wrk's deadline may have been committed too).
-    while :; do
-      local t
-      t=$(now)
-      rows=$(count_rows "$db_url")
-      if [[ $rows != "$prev" ]]; then prev=$rows; t_last=$t; stable=0; else stable=$((stable + 1)); fi
-      if ((rows >= expected && stable >= 4)); then break; fi
-      if awk -v a="$t" -v b="$deadline" 'BEGIN{exit !(a > b)}'; then drained=false; break; fi
-      sleep 0.25
-    done
-  fi
+  ROWS_AT_LOAD_END=null ROWS=0 T_LAST=$t_load DRAINED=true
+  [[ -n $db_url ]] && wait_rows "$db_url" $((accepted * events_per_req)) "$t_load" "$above"
 
-  local procs="[" sep=""
-  for i in "${!pids[@]}"; do
-    local pid=${pids[i]} hwm cpu
-    if kill -0 "$pid" 2>/dev/null; then
-      hwm=$(hwm_kb "$pid")
-      cpu=$(awk -v a="$(cpu_ticks "$pid")" -v b="${cpu0[i]}" -v hz="$CLK_TCK" 'BEGIN{printf "%.3f", (a - b) / hz}')
-    else
-      hwm=null; cpu=null
-      note "$config/$payload: ${names[i]} died during the phase"
-    fi
-    procs+="$sep{\"name\":\"${names[i]}\",\"vmhwm_kb\":$hwm,\"cpu_s\":$cpu}"
-    sep=","
-  done
-  procs+="]"
+  local procs fsyncs=null
+  procs=$(procs_json "${specs[@]}")
+  # strace leaves its tracee running when it is stopped: stop mailhook itself first.
+  [[ $mods == *+strace+* ]] && stop_pid "$(ps -o pid= --ppid "${pids[0]}" | head -n1 | tr -d ' ')"
   local pid; for pid in "${pids[@]}"; do stop_pid "$pid"; done
+  local disk=null
+  if [[ $config == sqlite && -z $GROWTH_DB ]]; then
+    disk=$(file_bytes "$dbdir"/mailhook.db "$dbdir"/mailhook.db-wal "$dbdir"/mailhook-queue.db "$dbdir"/mailhook-queue.db-wal)
+  fi
+  [[ $dbdir != "$dir" ]] && rm -rf "$dbdir"
+  [[ -s $dir/strace.txt ]] && fsyncs=$(fsync_summary "$dir/strace.txt" "$t0" "$t_load")
 
-  printf '{"config":"%s","payload":"%s","events_per_request":%d,"t0":%s,"t_load_end":%s,"t_last_row":%s,"accepted":%d,"rows_at_load_end":%s,"rows":%d,"drained":%s,"wrk":%s,"procs":%s}\n' \
-    "$config" "$payload" "$events_per_req" "$t0" "$t_load" "$t_last" "$accepted" \
-    "$rows_at_load_end" "$rows" "$drained" "$wrk_json" "$procs" >>"$RESULTS"
+  printf '{"section":"%s","run":%d,"config":"%s","payload":"%s","events_per_request":%d,"t0":%s,"t_load_end":%s,"t_last_row":%s,"accepted":%d,"rows_at_load_end":%s,"rows":%d,"drained":%s,"prefilled":%d,"prefill_s":%s,"disk_bytes":%s,"fsyncs":%s,"wrk":%s,"procs":%s}\n' \
+    "$SECTION" "$RUN" "$label" "$payload" "$events_per_req" "$t0" "$t_load" "$T_LAST" "$accepted" \
+    "$ROWS_AT_LOAD_END" "$ROWS" "$DRAINED" "$PREFILLED" "$PREFILL_S" "$disk" "$fsyncs" "$wrk_json" "$procs" >>"$RESULTS"
   sleep 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Cost model: the embedded default split into its stages, each beside its physical floor
+# ---------------------------------------------------------------------------------------------
+# API accept alone (`serve --no-worker` on the SQLite queue, under wrk), then the worker alone
+# (`mailhook worker` draining that queue into a fresh table), each process measured over its own
+# stage; then the floors: bare_append (write + fdatasync of the same bodies, grouped by the
+# connection count) and bare_insert (the same rows into a fresh table with the same pragmas).
+cost_phase() { # payload
+  local payload=$1
+  PHASE=$((PHASE + 1))
+  CUR="cost/$payload"
+  local port=$((PORT + PHASE)) dir="$WORK/$PHASE-cost-$payload"
+  local events_per_req
+  events_per_req=$(cat "$WORK/$payload.events")
+  mkdir -p "$dir"
+  local queue="mailhook-bench-$RUN_ID-$PHASE"
+  export DATABASE_URL="sqlite://$dir/mailhook.db" BROKER_URL="sqlite://$dir/mailhook-queue.db" \
+    MAILHOOK_QUEUE=$queue RUST_LOG=$MH_LOG
+  "$MAILHOOK" migrate >"$dir/migrate.log" 2>&1 || { note "cost: migrate failed"; return 1; }
+  "$MAILHOOK" serve --no-worker --bind "127.0.0.1:$port" >"$dir/serve.log" 2>&1 &
+  local api=$!; PIDS+=("$!")
+  wait_health "$port" "$api" || { note "cost: serve --no-worker did not start"; return 1; }
+  local api_spec; api_spec=$(proc_spec "API: serve --no-worker" "$api")
+  log "phase $PHASE (cost): API alone / $payload: ${DURATION}s"
+  local t0 t_load wrk_json
+  t0=$(now)
+  wrk_json=$(run_wrk "http://127.0.0.1:$port/email" "$payload" "$dir/wrk.txt")
+  t_load=$(now)
+  [[ -n $wrk_json ]] || { note "cost/$payload: wrk printed no summary"; stop_pid "$api"; return 1; }
+  local api_procs; api_procs=$(procs_json "$api_spec")
+  stop_pid "$api"
+  local queue_bytes
+  queue_bytes=$(file_bytes "$dir"/mailhook-queue.db "$dir"/mailhook-queue.db-wal)
+  local requests status_errors accepted
+  requests=$(wrk_field "$wrk_json" requests)
+  status_errors=$(wrk_field "$wrk_json" status_errors)
+  accepted=$((requests - status_errors))
+
+  log "phase $PHASE (cost): worker alone drains $accepted callbacks"
+  "$MAILHOOK" worker >"$dir/worker.log" 2>&1 &
+  local wk=$!; PIDS+=("$!")
+  local wk_spec; wk_spec=$(proc_spec "worker: mailhook worker" "$wk")
+  local t_w0; t_w0=$(now)
+  wait_rows "$DATABASE_URL" $((accepted * events_per_req)) "$t_w0" 0
+  local wk_procs; wk_procs=$(procs_json "$wk_spec")
+  stop_pid "$wk"
+  unset DATABASE_URL BROKER_URL MAILHOOK_QUEUE RUST_LOG
+  local table_bytes
+  table_bytes=$(file_bytes "$dir"/mailhook.db "$dir"/mailhook.db-wal)
+
+  local bodies=$(( COST_EVENTS / events_per_req )) append insert_p insert_s
+  ((bodies < 1000)) && bodies=1000
+  log "phase $PHASE (cost): floors: bare_append and bare_insert, $bodies callbacks"
+  append=$("$WORK/bin/bare_append" --template "$WORK/$payload.json" --count "$bodies" \
+    --group "$CONNECTIONS" --out "$dir/append.log")
+  insert_p=$("$WORK/bin/bare_insert" --template "$WORK/$payload.json" --count "$bodies" \
+    --batch 256 --db "$dir/bare-prepared.db" --via prepared)
+  insert_s=$("$WORK/bin/bare_insert" --template "$WORK/$payload.json" --count "$bodies" \
+    --batch 256 --db "$dir/bare-store.db" --via store)
+
+  printf '{"section":"cost","run":1,"config":"cost","payload":"%s","events_per_request":%d,"t0":%s,"t_load_end":%s,"t_worker_start":%s,"t_last_row":%s,"accepted":%d,"rows":%d,"drained":%s,"queue_bytes":%d,"table_bytes":%d,"wrk":%s,"api":%s,"worker":%s,"append":%s,"insert_prepared":%s,"insert_store":%s}\n' \
+    "$payload" "$events_per_req" "$t0" "$t_load" "$t_w0" "$T_LAST" "$accepted" "$ROWS" "$DRAINED" \
+    "$queue_bytes" "$table_bytes" "$wrk_json" "$api_procs" "$wk_procs" "$append" "$insert_p" "$insert_s" >>"$RESULTS"
+  sleep 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Growth: the same load on a table that already holds N events (random ids)
+# ---------------------------------------------------------------------------------------------
+free_bytes() { df -B1 --output=avail "$1" | tail -n1 | tr -d ' '; }
+growth_series() { # config
+  local config=$1 db_url datadir size
+  PHASE=$((PHASE + 1))
+  local gdir="$WORK/$PHASE-growth-$config"
+  mkdir -p "$gdir"
+  if [[ $config == sqlite ]]; then
+    db_url="sqlite://$gdir/mailhook.db"; datadir=$gdir
+  else
+    local db="mailhook_bench_${RUN_ID}_growth_$PHASE"
+    psql "$PG_URL/postgres" -qAtc "CREATE DATABASE \"$db\"" >/dev/null || { note "growth: PostgreSQL unavailable"; return 1; }
+    PG_DBS+=("$db")
+    db_url="$PG_URL/$db"
+    datadir=$(psql "$PG_URL/postgres" -qAtc 'SHOW data_directory' 2>/dev/null || echo /)
+  fi
+  DATABASE_URL=$db_url "$MAILHOOK" migrate >"$gdir/migrate.log" 2>&1 || {
+    note "growth/$config: migrate failed: $(tail -n1 "$gdir/migrate.log")"; return 1; }
+  local stored=0
+  for size in $(tr ' ' '\n' <<<"$GROWTH_SIZES" | sort -n); do
+    PREFILL_S=null
+    if ((size > stored)); then
+      # About 2 KB a row in the table and its index, plus the WAL: refuse rather than fill the disk.
+      local need=$(((size - stored) * 3000)) avail
+      avail=$(free_bytes "$datadir")
+      if ((avail < need + 2 * 1024 * 1024 * 1024)); then
+        note "growth/$config: $size events need about $((need >> 30)) GiB on $datadir; $((avail >> 30)) GiB free: skipped"
+        break
+      fi
+      log "growth/$config: prefilling to $size events"
+      local t0 out
+      t0=$(now)
+      out=$("$WORK/bin/prefill" --database-url "$db_url" --template "$WORK/$GROWTH_PAYLOAD.json" \
+        --rows $((size - stored)) 2>"$gdir/prefill-$size.log") || {
+        note "growth/$config: prefill failed: $(tail -n1 "$gdir/prefill-$size.log")"; return 1; }
+      PREFILL_S=$(awk -v a="$(now)" -v b="$t0" 'BEGIN{printf "%.1f", a - b}')
+      log "growth/$config: $out"
+    fi
+    [[ $config == sqlite ]] && sqlite3 "${db_url#sqlite://}" 'PRAGMA wal_checkpoint(TRUNCATE)' >/dev/null
+    stored=$(count_rows "$db_url" 0)
+    GROWTH_DB=$db_url PREFILLED=$stored
+    phase "$config" "$GROWTH_PAYLOAD" || { GROWTH_DB= PREFILLED=0; return 1; }
+    GROWTH_DB= PREFILLED=0
+    stored=$(count_rows "$db_url" 0)
+  done
 }
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-for payload in $PAYLOADS; do phase ceiling "$payload" || true; done
-for config in $CONFIGS; do
-  for payload in $PAYLOADS; do
-    phase "$config" "$payload" || break
+if has "$SECTIONS" throughput; then
+  SECTION=throughput
+  FAILED=" "
+  for RUN in $(seq 1 "$RUNS"); do
+    for payload in $PAYLOADS; do phase ceiling "$payload" || true; done
+    for config in $CONFIGS; do
+      has "$FAILED" "$config" && continue
+      for payload in $PAYLOADS; do
+        phase "$config" "$payload" || { FAILED+="$config "; break; }
+      done
+    done
   done
-done
+fi
+if has "$SECTIONS" growth; then
+  SECTION=growth
+  RUN=1
+  for config in $GROWTH_CONFIGS; do growth_series "$config" || true; done
+fi
+if has "$SECTIONS" tail; then
+  SECTION=tail
+  for RUN in $(seq 1 "$RUNS"); do
+    for payload in $TAIL_PAYLOADS; do
+      for config in $TAIL_CONFIGS; do phase "$config" "$payload" || true; done
+    done
+  done
+fi
+if has "$SECTIONS" cost; then
+  SECTION=cost
+  RUN=1
+  for payload in $PAYLOADS; do cost_phase "$payload" || true; done
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Report
@@ -316,149 +703,35 @@ done
   echo "postgresql=$(psql "$PG_URL/postgres" -qAtc 'SHOW server_version' 2>/dev/null || echo unavailable)"
   echo "redis=$(redis-cli -u "$REDIS_URL" INFO server 2>/dev/null | awk -F: '/^redis_version/ {print $2}' | tr -d '\r' || true)"
   echo "rabbitmq=$(rabbitmqctl -q version 2>/dev/null || echo unavailable)"
+  if [[ -x ${ANCHOR_PY:-} ]]; then
+    echo "original=$("$ANCHOR_PY" --version 2>&1); $("$ANCHOR_VENV/bin/pip" freeze 2>/dev/null | grep -iE '^(celery|kombu|redis|flask|gunicorn|sqlalchemy)==' | tr '\n' ' ')"
+  fi
   echo "commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml || echo ' (+ uncommitted changes)')"
   echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "wall_min=$(( ($(date +%s) - T_START + 30) / 60 ))"
 } >"$WORK/machine.txt"
 
 PLOT_DATA=$WORK/latency.dat
-python3 - "$RESULTS" "$NOTES" "$WORK/machine.txt" "$OUT" "$PLOT_DATA" \
-  "$DURATION" "$CONNECTIONS" "$THREADS" "$MH_LOG" "$BUILD_CMD" \
-  "$(wc -c <"$WORK/report5.json")" "$(wc -c <"$WORK/opened.json")" <<'PY'
-import json, sys
-(results, notes, machine, out, plot, duration, conns, threads, mh_log, build_cmd,
- size5, size1) = sys.argv[1:]
-rows = [json.loads(l) for l in open(results) if l.strip()]
-notes = [l.rstrip() for l in open(notes) if l.strip()]
-mach = dict(l.rstrip("\n").split("=", 1) for l in open(machine) if "=" in l)
-ceil = {r["payload"]: r for r in rows if r["config"] == "ceiling"}
-names = {"ceiling": "bare axum (ceiling)", "sqlite": "embedded SQLite",
-         "redis": "Redis + PostgreSQL", "amqp": "RabbitMQ + PostgreSQL"}
-payloads = {"report5": f"5-result delivery report ({size5} B)",
-            "opened": f"1 tracking event, OPENED ({size1} B)"}
-
-def rps(r): return r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)
-def acc_rps(r): return r["accepted"] / (r["wrk"]["duration_us"] / 1e6)
-def ms(us): return us / 1000.0
-def e2e(r):
-    span = r["t_last_row"] - r["t0"]
-    return r["rows"] / span if span > 0 else 0.0
-def ratio(a, b): return f"{a / b:.2f}" if b else "n/a"
-def cpu_total(r): return sum(p["cpu_s"] or 0 for p in r["procs"])
-def hwm_mb(p): return "died" if p["vmhwm_kb"] is None else f"{p['vmhwm_kb'] / 1024:.1f}"
-
-L = []
-L.append("# mailhook benchmark results\n")
-L.append(f"Generated by `bench/run.sh` on {mach.get('date')} (commit {mach.get('commit')}). "
-         "Every ratio is to the bare-axum ceiling measured in the same run with the same load "
-         "generator and payload.\n")
-L.append("## Accept path (`POST /email`, answered 202 after the queue's commit)\n")
-L.append(f"{conns} connections, {threads} wrk threads, {duration} s per phase; every request carries "
-         "unique messageIds. `req/s` counts 2xx only; `ratio` is to the ceiling's req/s; latency "
-         "as measured by wrk (ms), with the multiple of the ceiling's in parentheses.\n")
-L.append("| configuration | payload | req/s | ratio | p50 ms | p99 ms | max ms | non-2xx | socket errors |")
-L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-for r in rows:
-    c = ceil.get(r["payload"]); w = r["wrk"]
-    sock = w["connect_errors"] + w["read_errors"] + w["write_errors"] + w["timeouts"]
-    if r["config"] == "ceiling":
-        lat = [f"{ms(w[k]):.2f}" for k in ("lat_p50_us", "lat_p99_us", "lat_max_us")]
-    else:
-        cw = c["wrk"] if c else None
-        lat = [f"{ms(w[k]):.2f} ({w[k] / cw[k]:.1f}x)" if cw and cw[k] else f"{ms(w[k]):.2f}"
-               for k in ("lat_p50_us", "lat_p99_us", "lat_max_us")]
-    L.append(f"| {names[r['config']]} | {payloads[r['payload']]} | {acc_rps(r):,.0f} | "
-             f"{ratio(acc_rps(r), rps(c)) if c else 'n/a'} | {' | '.join(lat)} | "
-             f"{w['status_errors']} | {sock} |")
-L.append("")
-L.append("## End to end (first POST to last row committed in `email_callback`)\n")
-L.append("`events/s` = rows / (time of the last row - time of the first POST), the table polled with "
-         "`SELECT count(*)` every 0.25 s after the load stops; `backlog` = events accepted but not yet "
-         "stored when the load stopped; `ratio` is to the ceiling's events/s (its req/s x events per "
-         "request).\n")
-L.append("| configuration | payload | events accepted | rows | backlog at load end | drain s | events/s | ratio |")
-L.append("|---|---|---:|---:|---:|---:|---:|---:|")
-for r in rows:
-    if r["config"] == "ceiling": continue
-    c = ceil.get(r["payload"])
-    ev = r["accepted"] * r["events_per_request"]
-    backlog = max(0, ev - r["rows_at_load_end"])
-    drain = r["t_last_row"] - r["t_load_end"]
-    cev = rps(c) * r["events_per_request"] if c else 0
-    flag = "" if r["drained"] else " (drain timed out)"
-    L.append(f"| {names[r['config']]} | {payloads[r['payload']]} | {ev:,} | {r['rows']:,}{flag} | "
-             f"{backlog:,} | {drain:.1f} | {e2e(r):,.0f} | {ratio(e2e(r), cev)} |")
-L.append("")
-L.append("## Memory and CPU\n")
-L.append("Peak RSS is VmHWM from `/proc/PID/status` at the end of the phase (the process was fresh "
-         "at its start); CPU is utime+stime from `/proc/PID/stat` over the load and the drain, per "
-         "1000 events stored (for the ceiling, which stores nothing, per 1000 events carried: requests x events per request); the ratio "
-         "is to the ceiling's CPU per 1000 events of the same payload.\n")
-L.append("| configuration | payload | process | peak RSS MB | CPU s | CPU s / 1000 events | ratio |")
-L.append("|---|---|---|---:|---:|---:|---:|")
-for r in rows:
-    c = ceil.get(r["payload"])
-    cper = (cpu_total(c) / (c["wrk"]["requests"] * c["events_per_request"] / 1000)) if c else 0
-    n = r["rows"] if r["config"] != "ceiling" else r["wrk"]["requests"] * r["events_per_request"]
-    procs = r["procs"] + ([{"name": "total", "vmhwm_kb": sum(p["vmhwm_kb"] or 0 for p in r["procs"]),
-                            "cpu_s": cpu_total(r)}] if len(r["procs"]) > 1 else [])
-    for p in procs:
-        per = (p["cpu_s"] or 0) / (n / 1000) if n else 0
-        L.append(f"| {names[r['config']]} | {r['payload']} | {p['name']} | {hwm_mb(p)} | "
-                 f"{(p['cpu_s'] or 0):.2f} | {per:.3f} | {ratio(per, cper)} |")
-L.append("")
-if notes:
-    L.append("## Notes from the run\n")
-    L += [f"- {n}" for n in notes]
-    L.append("")
-L.append("## How it was measured\n")
-L.append("```sh")
-L.append("bench/run.sh   # BENCH_DURATION=" + duration + " BENCH_CONNECTIONS=" + conns
-         + " BENCH_THREADS=" + threads)
-L.append(build_cmd)
-L.append("# per phase, fresh processes, temp dir, database and queue name:")
-L.append("mailhook migrate")
-L.append("mailhook serve --bind 127.0.0.1:PORT                          # embedded SQLite (API + worker)")
-L.append("mailhook serve --no-worker --bind 127.0.0.1:PORT & mailhook worker   # Redis / RabbitMQ + PostgreSQL")
-L.append("bare_axum 127.0.0.1:PORT                                      # ceiling")
-L.append(f"wrk -t{threads} -c{conns} -d{duration}s --timeout 10s --latency -s bench/post.lua "
-         "http://127.0.0.1:PORT/email -- BODY_TEMPLATE RUN_PREFIX")
-L.append("```\n")
-L.append(f"mailhook ran with `RUST_LOG={mh_log}` (production default: one log line per callback, "
-         "to a file) and default settings otherwise: SQLite WAL with `synchronous=FULL` and group "
-         "commit; worker concurrency 1, prefetch 256. The load generator runs on the same 2 "
-         "cores as the server, the worker and the databases.\n")
-L.append("## Machine and versions\n")
-for k in ("nproc", "cpu", "mem", "kernel", "os", "rustc", "wrk", "sqlite3", "postgresql",
-          "redis", "rabbitmq", "load"):
-    L.append(f"- {k}: {mach.get(k, '?')}")
-L.append("")
-open(out, "w").write("\n".join(L) + "\n")
-
-with open(plot, "w") as f:
-    for r in rows:
-        w = r["wrk"]
-        label = f"{r['config']}/{r['payload']}"
-        f.write(f"\"{label}\" {ms(w['lat_p50_us']):.3f} {ms(w['lat_p90_us']):.3f} "
-                f"{ms(w['lat_p99_us']):.3f}\n")
-PY
+BENCH_ARGS="BENCH_DURATION=$DURATION BENCH_RUNS=$RUNS BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS BENCH_IDS=$IDS BENCH_SECTIONS=\"$SECTIONS\" BENCH_CONFIGS=\"$CONFIGS\" BENCH_PAYLOADS=\"$PAYLOADS\" BENCH_GROWTH_SIZES=\"$GROWTH_SIZES\""
+python3 "$ROOT/bench/report.py" "$RESULTS" "$NOTES" "$WORK/machine.txt" "$OUT" "$PLOT_DATA" \
+  "$BENCH_ARGS" "$MH_LOG" "$BUILD_CMD" "$WORK"
 
 if command -v gnuplot >/dev/null && [[ -s $PLOT_DATA ]]; then
   PNG="${OUT%.md}-latency.png"
-  gnuplot <<GP && printf '\n![latency](%s)\n' "$(basename "$PNG")" >>"$OUT"
-set terminal pngcairo size 1000,520 noenhanced
+  gnuplot <<GP || note "gnuplot failed: no latency plot"
+set terminal pngcairo size 1100,560 noenhanced
 set output "$PNG"
-set title "POST /email latency at $CONNECTIONS connections (wrk, ms, log scale)"
+set title "POST /email latency at $CONNECTIONS connections (wrk, ms, log scale; p99 = worst of the runs)"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.85 border -1
 set logscale y
 set ylabel "ms"
-set xtics rotate by -25
+set xtics rotate by -30
 set key top left
 set grid ytics
 plot "$PLOT_DATA" using 2:xtic(1) title "p50", "" using 3 title "p90", "" using 4 title "p99"
 GP
 fi
 log "wrote $OUT"
-cat "$OUT"
