@@ -3,7 +3,9 @@
 //! own pragmas (WAL, `synchronous=FULL`), one transaction per batch, then one checkpoint so the
 //! bytes that reach the table file are counted too. No queue, no fetch, no ack, no parsing.
 //! Prints one JSON line: CPU microseconds and bytes written per event, and the wall time of the
-//! inserts and the checkpoint (row making excluded).
+//! inserts and the checkpoint (row making excluded); and, on the way, the CPU of the pure steps
+//! on either side of the queue: the API's check (strict JSON read, Infobip shape, Celery
+//! envelope) per body, and the worker's parse (envelope decode, normalization) per event.
 //!
 //! `cargo run --release --example bare_insert -- --template T.json --count 20000 --batch 256 --db F`
 //!
@@ -22,8 +24,8 @@ use std::path::PathBuf;
 use chrono::{SecondsFormat, Utc};
 use clap::{Parser, ValueEnum};
 use mailhook::infobip::{self, NewCallback};
+use mailhook::queue::{celery, TaskMessage};
 use mailhook::store::{SqliteStore, Store};
-use serde_json::value::RawValue;
 use sqlx::{Connection, SqliteConnection};
 
 /// Pragmas that decide what an insert costs; their values are read from mailhook's connection.
@@ -68,14 +70,45 @@ const INSERT: &str = "INSERT INTO email_callback (status, email, data_recebiment
     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
     ON CONFLICT (id_externo, dedupe_key) DO NOTHING";
 
-fn rows(template: &support::Template, n: usize) -> Result<Vec<NewCallback>, String> {
+/// CPU nanoseconds of the pure steps around the insert, summed over the run.
+#[derive(Default)]
+struct PureCpu {
+    /// The API's check: strict JSON read, Infobip shape, Celery envelope.
+    validate: u64,
+    /// The worker's parse: envelope decode and normalization into rows.
+    normalize: u64,
+}
+
+/// The rows of `n` fresh callbacks, timing the API's and the worker's pure steps on the way
+/// (the bodies are made first, so making them is not counted).
+fn rows(
+    template: &support::Template,
+    n: usize,
+    cpu: &mut PureCpu,
+) -> Result<Vec<NewCallback>, String> {
     let mut rng = rand::thread_rng();
-    let mut out = Vec::with_capacity(n * template.events());
-    for _ in 0..n {
-        let body = template.fill(&mut rng);
-        let raw: &RawValue = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-        out.extend(infobip::normalize(raw, Utc::now()).map_err(|e| e.to_string())?);
+    let bodies: Vec<String> = (0..n).map(|_| template.fill(&mut rng)).collect();
+    let c0 = support::cpu_ns();
+    let mut messages = Vec::with_capacity(n);
+    for body in &bodies {
+        let payload = infobip::lazy::read_json(body.as_bytes()).map_err(|e| e.to_string())?;
+        let callback = infobip::parse(payload).map_err(|e| e.to_string())?;
+        std::hint::black_box(callback.events.len());
+        messages.push(TaskMessage::for_payload(
+            "mailhook.process_email_callback",
+            body.as_bytes(),
+            Utc::now(),
+        ));
     }
+    let c1 = support::cpu_ns();
+    let mut out = Vec::with_capacity(n * template.events());
+    for m in &messages {
+        let args = celery::decode_body(&m.body).map_err(|e| e.to_string())?;
+        let received = args.received_at.unwrap_or_else(Utc::now);
+        out.extend(infobip::normalize(args.payload, received).map_err(|e| e.to_string())?);
+    }
+    cpu.validate += c1 - c0;
+    cpu.normalize += support::cpu_ns() - c1;
     Ok(out)
 }
 
@@ -146,9 +179,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (mut cpu, mut wall, wb0) = (0u64, 0f64, support::write_bytes());
     let mut done = 0;
+    let mut pure = PureCpu::default();
     while done < args.count {
         let n = args.batch.max(1).min(args.count - done);
-        let batch = rows(&template, n)?;
+        let batch = rows(&template, n, &mut pure)?;
         let (c0, t0) = (support::cpu_ns(), std::time::Instant::now());
         match args.via {
             Via::Prepared => insert_prepared(&mut floor, &batch)?,
@@ -178,7 +212,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let events = stored.max(1) as f64;
     println!(
         "{{\"via\":\"{}\",\"callbacks\":{},\"events\":{},\"batch\":{},\"wall_s\":{:.3},\
-         \"cpu_us_per_event\":{:.2},\"write_bytes_per_event\":{:.0},\"db_bytes_per_event\":{:.0}}}",
+         \"cpu_us_per_event\":{:.2},\"write_bytes_per_event\":{:.0},\"db_bytes_per_event\":{:.0},\
+         \"validate_us_per_body\":{:.2},\"normalize_us_per_event\":{:.2}}}",
         match args.via {
             Via::Prepared => "prepared",
             Via::Store => "store",
@@ -189,7 +224,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         wall,
         cpu as f64 / 1e3 / events,
         wb as f64 / events,
-        size as f64 / events
+        size as f64 / events,
+        pure.validate as f64 / 1e3 / args.count as f64,
+        pure.normalize as f64 / 1e3 / events
     );
     Ok(())
 }
