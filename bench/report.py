@@ -254,20 +254,48 @@ if tail:
                  f"{med([ms(r['wrk']['lat_p50_us']) for r in runs]):.2f} | **{max(p99s):.1f}** "
                  f"({', '.join(f'{v:.1f}' for v in p99s)}) | {max(ms(r['wrk']['lat_max_us']) for r in runs):.0f} |")
     L.append("")
+    walled = [(p, c, r) for (p, c), rs in tail.items() for r in rs if r.get("wal")]
+    if walled:
+        L.append("Largest WAL files seen during the load (sampled every 50 ms; SQLite's "
+                 "`wal_autocheckpoint` backstop is 2000 pages, 7.8 MiB: past it the committing "
+                 "connection checkpoints inline, inside a commit):\n")
+        L.append("| payload | configuration | run | queue WAL MiB | table WAL MiB |")
+        L.append("|---|---|---:|---:|---:|")
+        for p, c, r in walled:
+            L.append(f"| {p} | {name(c)} | {r['run']} | {r['wal']['queue_wal_max'] / 2**20:.1f} | "
+                     f"{r['wal']['table_wal_max'] / 2**20:.1f} |")
+        L.append("")
     traced = [r for rs in tail.values() for r in rs if r.get("fsyncs")]
     if traced:
-        L.append("Flushes during the load, per file (`+strace` runs): the queue's WAL is flushed by "
-                 "each group commit of the queue writer, the table's WAL by each worker batch, and "
-                 "the database files by checkpoints; `total s` is the time spent waiting in them "
-                 "(several threads may wait at once).\n")
+        L.append("Flushes during the load, per file (`+strace` runs, `bench/flushes.py`): the "
+                 "queue's WAL is flushed by each group commit of the queue writer, the table's WAL "
+                 "by each worker batch, the database files by checkpoints; `total s` is the time "
+                 "spent in them (threads may wait at once).\n")
         L.append("| payload | run | call and file | calls | per s | p50 ms | p99 ms | max ms | total s |")
         L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
         for r in traced:
-            for k, v in r["fsyncs"].items():
-                span = v["span_s"]
+            fs = r["fsyncs"]
+            files = fs.get("files", fs)
+            for k, v in files.items():
+                span = v.get("span_s") or fs.get("span_s") or 1
                 L.append(f"| {r['payload']} | {r['run']} | {k} | {v['n']:,} | {v['n'] / span:,.0f} | "
                          f"{v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['max_ms']:.1f} | {v['total_s']:.2f} |")
         L.append("")
+        gapped = [r for r in traced if r["fsyncs"].get("queue_wal_gap")]
+        if gapped:
+            L.append("The queue writer's rhythm (`+strace` runs): the time from one group commit's "
+                     "flush to the next (a request waits for the commit in progress, then its "
+                     "own), and the queue WAL's flush time when a checkpoint was flushing a "
+                     "database file at the same moment, and when not:\n")
+            L.append("| payload | run | commits | gap p50 ms | gap p99 ms | gap max ms | flush during a checkpoint flush: n, p50 / p99 / max ms | otherwise: n, p50 / p99 / max ms |")
+            L.append("|---|---:|---:|---:|---:|---:|---|---|")
+            for r in gapped:
+                fs = r["fsyncs"]
+                g, a, b = fs["queue_wal_gap"], fs["queue_wal_during_checkpoint_flush"], fs["queue_wal_otherwise"]
+                L.append(f"| {r['payload']} | {r['run']} | {g['n'] + 1:,} | {g['p50_ms']:.2f} | {g['p99_ms']:.2f} | "
+                         f"{g['max_ms']:.1f} | {a['n']:,}: {a['p50_ms']:.2f} / {a['p99_ms']:.2f} / {a['max_ms']:.1f} | "
+                         f"{b['n']:,}: {b['p50_ms']:.2f} / {b['p99_ms']:.2f} / {b['max_ms']:.1f} |")
+            L.append("")
 
 cost = [r for r in rows if r["section"] == "cost"]
 if cost:
@@ -280,7 +308,7 @@ if cost:
              "(the same bodies, one write + fdatasync per group of as many bodies as connections), "
              "`examples/bare_insert.rs` (the same rows, same pragmas, 256 callbacks per "
              "transaction, then a checkpoint; `prepared` = one reused single-row INSERT, `store` = "
-             "mailhook's own multi-row `insert_batch`), CPU from `/proc/self/task/*/schedstat`.\n")
+             "mailhook's own multi-row `insert_batch`), CPU from `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`.\n")
     L.append("| payload | stage | CPU us / request | CPU us / event | written B / request | written B / event | file B / event | floor | x floor (CPU) | x floor (bytes) |")
     L.append("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in cost:

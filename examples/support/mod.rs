@@ -51,18 +51,13 @@ impl Template {
     }
 }
 
-/// CPU time of every thread of this process so far, in nanoseconds (the first field of each
-/// `/proc/self/task/*/schedstat`): nanosecond resolution where `/proc/self/stat` has 10 ms, and
-/// it includes the background threads sqlx runs SQLite on.
+/// CPU time of every thread of this process so far, in nanoseconds
+/// (`CLOCK_PROCESS_CPUTIME_ID`): exact at the moment of the call, where `/proc/self/stat` counts
+/// 10 ms ticks and `schedstat` lags until the next scheduler tick; it includes the background
+/// threads sqlx runs SQLite on.
 pub fn cpu_ns() -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
 /// `write_bytes` of `/proc/self/io`: bytes this process caused to be written to storage.
