@@ -287,14 +287,21 @@ if tail:
                      "flush to the next (a request waits for the commit in progress, then its "
                      "own), and the queue WAL's flush time when a checkpoint was flushing a "
                      "database file at the same moment, and when not:\n")
-            L.append("| payload | run | commits | gap p50 ms | gap p99 ms | gap max ms | flush during a checkpoint flush: n, p50 / p99 / max ms | otherwise: n, p50 / p99 / max ms |")
-            L.append("|---|---:|---:|---:|---:|---:|---|---|")
+            L.append("`inline checkpoints` are flushes of the queue's database file by the queue "
+                     "writer's own thread: SQLite checkpointing inside a group commit because the "
+                     "WAL passed `wal_autocheckpoint`, every request of that group waiting.\n")
+            L.append("| payload | run | commits | gap p50 ms | gap p99 ms | gap max ms | flush during a checkpoint flush: n, p50 / p99 / max ms | otherwise: n, p50 / p99 / max ms | inline checkpoints: n, max flush ms | longest gaps ms [flushes in them] |")
+            L.append("|---|---:|---:|---:|---:|---:|---|---|---|---|")
             for r in gapped:
                 fs = r["fsyncs"]
                 g, a, b = fs["queue_wal_gap"], fs["queue_wal_during_checkpoint_flush"], fs["queue_wal_otherwise"]
                 L.append(f"| {r['payload']} | {r['run']} | {g['n'] + 1:,} | {g['p50_ms']:.2f} | {g['p99_ms']:.2f} | "
                          f"{g['max_ms']:.1f} | {a['n']:,}: {a['p50_ms']:.2f} / {a['p99_ms']:.2f} / {a['max_ms']:.1f} | "
-                         f"{b['n']:,}: {b['p50_ms']:.2f} / {b['p99_ms']:.2f} / {b['max_ms']:.1f} |")
+                         f"{b['n']:,}: {b['p50_ms']:.2f} / {b['p99_ms']:.2f} / {b['max_ms']:.1f} | "
+                         f"{fs.get('queue_inline_checkpoints', {}).get('n', 'n/a')}, "
+                         f"{fs.get('queue_inline_checkpoints', {}).get('max_ms', 0):.1f} | "
+                         + "; ".join(f"{g['gap_ms']:.0f} [{', '.join(g['flushes']) or 'none'}]"
+                                     for g in fs.get("longest_queue_gaps", [])) + " |")
             L.append("")
 
 cost = [r for r in rows if r["section"] == "cost"]

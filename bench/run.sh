@@ -6,7 +6,7 @@
 # the physical floor of each). Writes the generated part of bench/RESULTS.md (and a latency PNG
 # when gnuplot is available); the hand-written analysis around it is kept.
 #
-#   bench/run.sh                         # the full run (about 40 min on 2 cores)
+#   bench/run.sh                         # the full run (about an hour on 2 cores)
 #   BENCH_DURATION=3 BENCH_RUNS=1 bench/run.sh     # a quick run
 #
 # Knobs (environment):
@@ -358,28 +358,6 @@ start_anchor_redis() {
   return 1
 }
 
-# strace lines ("TID 1732871234.123456 fsync(12</path/f.db-wal>) = 0 <0.001234>") -> per file:
-# calls during the load, p50/p99/max ms, and the time spent in them.
-fsync_summary() { # strace_file t_load_start t_load_end
-  python3 - "$1" "$2" "$3" <<'PY'
-import json, re, sys
-t0, t1 = float(sys.argv[2]), float(sys.argv[3])
-by = {}
-for l in open(sys.argv[1]):
-    m = re.match(r"\d+\s+([\d.]+)\s+(fsync|fdatasync)\(\d+<([^>]*)>\).*<([\d.]+)>", l)
-    if m and t0 <= float(m.group(1)) <= t1:
-        f = m.group(3).rsplit("/", 1)[-1]
-        by.setdefault(f"{m.group(2)} {f}", []).append(float(m.group(4)) * 1e3)
-out = {}
-for k, v in sorted(by.items()):
-    v.sort()
-    q = lambda f: v[min(len(v) - 1, round((len(v) - 1) * f))]
-    out[k] = {"n": len(v), "p50_ms": round(q(.5), 3), "p99_ms": round(q(.99), 3),
-              "max_ms": round(v[-1], 3), "total_s": round(sum(v) / 1e3, 3), "span_s": round(t1 - t0, 3)}
-print(json.dumps(out))
-PY
-}
-
 PHASE=0
 RUN=1
 SECTION=throughput
@@ -506,11 +484,26 @@ phase() { # config[+modifier...] payload (modifiers: see BENCH_TAIL_CONFIGS)
   local above=0
   [[ -n $db_url && $PREFILLED -gt 0 ]] && above=$(max_id "$db_url")
 
-  log "phase $PHASE ($SECTION, run $RUN): $config / $payload: ${DURATION}s, $CONNECTIONS connections"
+  log "phase $PHASE ($SECTION, run $RUN): $label / $payload: ${DURATION}s, $CONNECTIONS connections"
+  # Tail phases of the embedded default: the WAL files' sizes every 50 ms. A WAL past
+  # wal_autocheckpoint's pages (2000 x 4 KiB) means a committing connection checkpoints inline.
+  local sampler=""
+  if [[ $SECTION == tail && $config == sqlite ]]; then
+    while :; do
+      echo "$EPOCHREALTIME $(stat -c %s "$dbdir/mailhook-queue.db-wal" 2>/dev/null || echo 0) $(stat -c %s "$dbdir/mailhook.db-wal" 2>/dev/null || echo 0)"
+      sleep 0.05
+    done >"$dir/wal.txt" &
+    sampler=$!
+  fi
   local t0 t_load wrk_json
   t0=$(now)
   wrk_json=$(run_wrk "http://127.0.0.1:$port/email" "$payload" "$dir/wrk.txt")
   t_load=$(now)
+  local wal=null
+  if [[ -n $sampler ]]; then
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+    wal=$(awk 'BEGIN{q=0;t=0} {if ($2>q) q=$2; if ($3>t) t=$3} END{printf "{\"queue_wal_max\":%d,\"table_wal_max\":%d}", q, t}' "$dir/wal.txt")
+  fi
   [[ -n $wrk_json ]] || { note "$config/$payload: wrk printed no summary: $(tail -n3 "$dir/wrk.txt")"; return 1; }
   local requests status_errors
   requests=$(wrk_field "$wrk_json" requests)
@@ -530,11 +523,11 @@ phase() { # config[+modifier...] payload (modifiers: see BENCH_TAIL_CONFIGS)
     disk=$(file_bytes "$dbdir"/mailhook.db "$dbdir"/mailhook.db-wal "$dbdir"/mailhook-queue.db "$dbdir"/mailhook-queue.db-wal)
   fi
   [[ $dbdir != "$dir" ]] && rm -rf "$dbdir"
-  [[ -s $dir/strace.txt ]] && fsyncs=$(fsync_summary "$dir/strace.txt" "$t0" "$t_load")
+  [[ -s $dir/strace.txt ]] && fsyncs=$(python3 "$ROOT/bench/flushes.py" "$dir/strace.txt" "$t0" "$t_load")
 
-  printf '{"section":"%s","run":%d,"config":"%s","payload":"%s","events_per_request":%d,"t0":%s,"t_load_end":%s,"t_last_row":%s,"accepted":%d,"rows_at_load_end":%s,"rows":%d,"drained":%s,"prefilled":%d,"prefill_s":%s,"disk_bytes":%s,"fsyncs":%s,"wrk":%s,"procs":%s}\n' \
+  printf '{"section":"%s","run":%d,"config":"%s","payload":"%s","events_per_request":%d,"t0":%s,"t_load_end":%s,"t_last_row":%s,"accepted":%d,"rows_at_load_end":%s,"rows":%d,"drained":%s,"prefilled":%d,"prefill_s":%s,"disk_bytes":%s,"fsyncs":%s,"wal":%s,"wrk":%s,"procs":%s}\n' \
     "$SECTION" "$RUN" "$label" "$payload" "$events_per_req" "$t0" "$t_load" "$T_LAST" "$accepted" \
-    "$ROWS_AT_LOAD_END" "$ROWS" "$DRAINED" "$PREFILLED" "$PREFILL_S" "$disk" "$fsyncs" "$wrk_json" "$procs" >>"$RESULTS"
+    "$ROWS_AT_LOAD_END" "$ROWS" "$DRAINED" "$PREFILLED" "$PREFILL_S" "$disk" "$fsyncs" "$wal" "$wrk_json" "$procs" >>"$RESULTS"
   sleep 1
 }
 
@@ -729,6 +722,8 @@ set style fill solid 0.85 border -1
 set logscale y
 set ylabel "ms"
 set xtics rotate by -30
+set bmargin 7
+set rmargin 8
 set key top left
 set grid ytics
 plot "$PLOT_DATA" using 2:xtic(1) title "p50", "" using 3 title "p90", "" using 4 title "p99"
