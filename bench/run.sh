@@ -7,7 +7,7 @@
 # when gnuplot is available); the hand-written analysis around it is kept.
 #
 #   bench/run.sh                         # the full run (about an hour on 2 cores)
-#   BENCH_DURATION=3 BENCH_RUNS=1 bench/run.sh     # a quick run
+#   BENCH_DURATION=3 BENCH_RUNS=1 bench/run.sh     # a quick run (about 15 min)
 #
 # Knobs (environment):
 #   BENCH_SECTIONS        what to run                                ("throughput growth cost")
@@ -37,6 +37,8 @@
 #   BENCH_PORT            first TCP port used on 127.0.0.1           (18700)
 #   BENCH_OUT             report path                                (bench/RESULTS.md)
 #   BENCH_KEEP            set: keep the work dir (logs, wrk output, results.jsonl) at the end
+#   BENCH_MACHINE_NOTE    a line about the machine, printed in bold at the top of the report
+#                         (e.g. that it was shared while the figures were taken)
 #   PG_URL / REDIS_URL / AMQP_URL   the services (defaults: 127.0.0.1, postgres trust auth,
 #                                   redis db 0, guest/guest on vhost /)
 #
