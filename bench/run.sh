@@ -36,7 +36,8 @@
 #   BENCH_RUST_LOG        mailhook's RUST_LOG (production default)   (info)
 #   BENCH_PORT            first TCP port used on 127.0.0.1           (18700)
 #   BENCH_OUT             report path                                (bench/RESULTS.md)
-#   BENCH_KEEP            set: keep the work dir (logs, wrk output, results.jsonl) at the end
+#   BENCH_KEEP            set: keep the work dir (logs, wrk output, results.jsonl, the phases'
+#                         databases: GBs after a growth section) at the end
 #   BENCH_MACHINE_NOTE    a line about the machine, printed in bold at the top of the report
 #                         (e.g. that it was shared while the figures were taken)
 #   PG_URL / REDIS_URL / AMQP_URL   the services (defaults: 127.0.0.1, postgres trust auth,
@@ -646,6 +647,12 @@ growth_series() { # config
     GROWTH_DB= PREFILLED=0
     stored=$(count_rows "$db_url" 0)
   done
+  # A 10M-event table is tens of GB: gone before the next series fills another.
+  if [[ $config == sqlite ]]; then
+    rm -f "$gdir"/mailhook.db*
+  else
+    psql "$PG_URL/postgres" -qAtc "DROP DATABASE IF EXISTS \"${db_url##*/}\"" >/dev/null 2>&1 || true
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------
