@@ -91,7 +91,7 @@ fn rows(
     let c0 = support::cpu_ns();
     let mut messages = Vec::with_capacity(n);
     for body in &bodies {
-        let payload = infobip::lazy::read_json(body.as_bytes()).map_err(|e| e.to_string())?;
+        let payload = mailhook::json::read_json(body.as_bytes()).map_err(|e| e.to_string())?;
         let callback = infobip::parse(payload).map_err(|e| e.to_string())?;
         std::hint::black_box(callback.events.len());
         messages.push(TaskMessage::for_payload(
@@ -174,7 +174,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = SqliteStore::connect(&url, 1).await?;
     store.migrate().await?;
     let mut conn =
-        SqliteConnection::connect_with(&mailhook::queue::sqlite::connect_options(&url)?).await?;
+        SqliteConnection::connect_with(&mailhook::sqlite::connect_options(&url)?).await?;
     let mut floor = floor_connection(&args.db, &mut conn).await?;
 
     let (mut cpu, mut wall, wb0) = (0u64, 0f64, support::write_bytes());
