@@ -3,135 +3,16 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mailhook::store;
-use serde_json::json;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::brokers::{amqp_url, broker_cfg, redis_url};
 use crate::common::databases::pg_database;
+use crate::common::process::{free_port, start, wait_healthy, Load, Proc};
 use crate::common::{binary, eventually, unique_queue};
-
-/// A `mailhook` process on a free port, killed (SIGKILL) on drop.
-struct Proc {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn start(dir: &Path, args: &[&str], port: u16) -> Proc {
-    let child = Command::new(binary())
-        .args(args)
-        .current_dir(dir)
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.join("mailhook.db").display()),
-        )
-        .env_remove("BROKER_URL")
-        .env_remove("CELERY_BROKER_URL")
-        .env("MAILHOOK_BIND", format!("127.0.0.1:{port}"))
-        .env("MAILHOOK_VISIBILITY_TIMEOUT", "2")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn mailhook");
-    Proc { child, port }
-}
-
-async fn wait_healthy(client: &reqwest::Client, port: u16) {
-    let url = format!("http://127.0.0.1:{port}/health");
-    eventually(
-        "mailhook to answer /health",
-        Duration::from_secs(30),
-        || async {
-            let r = client.get(&url).send().await.ok()?;
-            r.status().is_success().then_some(())
-        },
-    )
-    .await;
-}
-
-/// Clients posting unique tracking events until stopped, keeping the ids answered 202.
-struct Load {
-    accepted: Arc<Mutex<Vec<String>>>,
-    stop: CancellationToken,
-    clients: JoinSet<()>,
-}
-
-impl Load {
-    /// Starts `clients` tasks posting to `port`; ids are `<tag>-<client>-<n>`.
-    fn start(port: u16, clients: usize, tag: &'static str) -> Load {
-        let accepted = Arc::new(Mutex::new(Vec::new()));
-        let stop = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        for c in 0..clients {
-            let accepted = accepted.clone();
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                // A request never outlives a dead server by much: it fails or times out.
-                let client = reqwest::Client::builder()
-                    .timeout(Duration::from_secs(10))
-                    .build()
-                    .expect("client");
-                let url = format!("http://127.0.0.1:{port}/email");
-                let mut i = 0u64;
-                while !stop.is_cancelled() {
-                    let id = format!("{tag}-{c}-{i}");
-                    i += 1;
-                    let body = json!({"notificationType": "OPENED", "messageId": id,
-                        "recipient": "a@b.c", "sendDateTime": 1721161444325_i64});
-                    match client.post(&url).json(&body).send().await {
-                        Ok(r) if r.status() == 202 => accepted.lock().expect("lock").push(id),
-                        Ok(_) => {}
-                        // The server is down (killed, restarting): do not spin.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    }
-                }
-            });
-        }
-        Load {
-            accepted,
-            stop,
-            clients: tasks,
-        }
-    }
-
-    /// Waits until at least `n` callbacks were accepted.
-    async fn wait_accepted(&self, n: usize) {
-        eventually("load to get going", Duration::from_secs(30), || async {
-            (self.accepted.lock().expect("lock").len() >= n).then_some(())
-        })
-        .await;
-    }
-
-    /// Stops the clients, waits until each has its last answer, and returns the accepted ids.
-    async fn stop(mut self) -> Vec<String> {
-        self.stop.cancel();
-        while let Some(r) = self.clients.join_next().await {
-            r.expect("load client");
-        }
-        let accepted = self.accepted.lock().expect("lock");
-        accepted.clone()
-    }
-}
 
 /// Every accepted id has exactly one row, and no id has more than one.
 async fn assert_stored_once(dir: &Path, accepted: &[String]) {

@@ -6,6 +6,7 @@ pub mod app;
 pub mod brokers;
 pub mod celery;
 pub mod databases;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
