@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod infobip;
 pub mod json;
