@@ -13,10 +13,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CommonArgs, ServeArgs, WorkerArgs};
+use crate::health::{supervise, Health};
 use crate::http::{self, auth::Auth, AppState};
 use crate::queue::{self, Broker, BrokerConfig, QueueError};
+use crate::secret::redact_url;
 use crate::store::{self, Store, StoreError};
 use crate::worker::{Worker, WorkerConfig};
+
+mod startup;
 
 /// Why the service could not start.
 #[derive(Debug, Error)]
@@ -30,16 +34,30 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// One start-up attempt got no answer in time.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    /// The start-up deadline passed (`source`: the last attempt's error, if one finished).
+    #[error("gave up after {waited:.1?} waiting for {what} (--startup-timeout)")]
+    GaveUp {
+        what: String,
+        waited: Duration,
+        source: Option<Box<StartError>>,
+    },
 }
 
-/// Opens the store and applies its migrations.
+/// Opens the store and applies its migrations, retrying until the start-up deadline.
 pub async fn open_store(
     common: &CommonArgs,
     max_connections: u32,
-) -> Result<Arc<dyn Store>, StoreError> {
-    let store = store::connect(&common.database_url, max_connections).await?;
-    store.migrate().await?;
-    Ok(store)
+) -> Result<Arc<dyn Store>, StartError> {
+    let what = format!("the database {}", redact_url(&common.database_url));
+    startup::wait_for(&what, common.startup_timeout(), || async {
+        let store = store::connect(&common.database_url, max_connections).await?;
+        store.migrate().await?;
+        Ok::<_, StoreError>(store)
+    })
+    .await
 }
 
 /// The broker settings of `common`, for a consumer holding up to `prefetch` messages.
@@ -52,9 +70,11 @@ pub fn broker_config(common: &CommonArgs, prefetch: u16) -> BrokerConfig {
     }
 }
 
-/// Connects to the broker `common` names.
-pub async fn connect_broker(common: &CommonArgs, prefetch: u16) -> Result<Broker, QueueError> {
-    queue::connect(&broker_config(common, prefetch)).await
+/// Connects to the broker `common` names, retrying until the start-up deadline.
+pub async fn connect_broker(common: &CommonArgs, prefetch: u16) -> Result<Broker, StartError> {
+    let cfg = broker_config(common, prefetch);
+    let what = format!("the broker {}", redact_url(&cfg.url));
+    startup::wait_for(&what, common.startup_timeout(), || queue::connect(&cfg)).await
 }
 
 /// The worker settings of `args`, for messages named `task_name`.
@@ -80,22 +100,30 @@ pub fn auth(args: &ServeArgs) -> Auth {
 struct Workers(JoinSet<()>);
 
 impl Workers {
-    /// Starts `args.concurrency` loops; each finishes its batch in hand once `stop` fires.
+    /// Starts `args.concurrency` loops; each finishes its batch in hand once `stop` fires. A
+    /// loop that panics is started again (and the worker's health says so meanwhile).
     fn start(
         broker: &Broker,
         store: &Arc<dyn Store>,
         args: &WorkerArgs,
         task_name: &str,
         stop: &CancellationToken,
+        health: &Arc<Health>,
     ) -> Self {
         let mut set = JoinSet::new();
         for _ in 0..args.concurrency.max(1) {
-            let w = Worker::new(
-                broker.clone(),
-                store.clone(),
-                worker_config(args, task_name),
-            );
-            set.spawn(w.run(stop.child_token()));
+            let (broker, store, health, stop) =
+                (broker.clone(), store.clone(), health.clone(), stop.clone());
+            let cfg = worker_config(args, task_name);
+            set.spawn(supervise(
+                "a worker loop",
+                health.worker.clone(),
+                move || {
+                    Worker::new(broker.clone(), store.clone(), cfg.clone())
+                        .with_health(health.clone())
+                        .run(stop.child_token())
+                },
+            ));
         }
         Workers(set)
     }
@@ -117,7 +145,15 @@ pub async fn run_worker(
     let connections = u32::try_from(args.concurrency).unwrap_or(1).max(1) + 1;
     let store = open_store(&common, connections).await?;
     let broker = connect_broker(&common, args.prefetch).await?;
-    let workers = Workers::start(&broker, &store, &args, &common.task_name, &shutdown);
+    let health = Arc::new(Health::default());
+    let workers = Workers::start(
+        &broker,
+        &store,
+        &args,
+        &common.task_name,
+        &shutdown,
+        &health,
+    );
     tracing::info!(queue = %common.queue, concurrency = args.concurrency, "worker started");
     shutdown.cancelled().await;
     let deadline = Duration::from_secs(args.shutdown_timeout);
@@ -139,6 +175,7 @@ pub struct App {
     router: axum::Router,
     broker: Broker,
     store: Option<Arc<dyn Store>>,
+    health: Arc<Health>,
     common: CommonArgs,
     args: ServeArgs,
 }
@@ -152,7 +189,13 @@ impl App {
             Some(open_store(&common, 4).await?)
         };
         let broker = connect_broker(&common, args.worker.prefetch).await?;
+        let health = Arc::new(Health {
+            queue: broker.part(),
+            ..Health::new(Duration::from_secs(args.stall_after))
+        });
         let state = AppState {
+            health: health.clone(),
+            worker: store.is_some(),
             broker: broker.clone(),
             task_name: common.task_name.as_str().into(),
             queue: common.queue.as_str().into(),
@@ -177,6 +220,7 @@ impl App {
             router,
             broker,
             store,
+            health,
             common,
             args,
         })
@@ -198,6 +242,7 @@ impl App {
                 &self.args.worker,
                 &self.common.task_name,
                 &worker_stop,
+                &self.health,
             )
         });
         tracing::info!(

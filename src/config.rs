@@ -60,6 +60,16 @@ pub struct CommonArgs {
     /// [default: 30 for SQLite, 3600 for Redis (kombu's default; Python workers must agree)].
     #[arg(long, env = "MAILHOOK_VISIBILITY_TIMEOUT", global = true)]
     pub visibility_timeout: Option<u64>,
+
+    /// Seconds to keep retrying, at start, a database or broker that cannot be reached or
+    /// opened (saying what it waits for), before exiting with an error.
+    #[arg(
+        long,
+        env = "MAILHOOK_STARTUP_TIMEOUT",
+        default_value_t = 60,
+        global = true
+    )]
+    pub startup_timeout: u64,
 }
 
 impl CommonArgs {
@@ -84,6 +94,11 @@ impl CommonArgs {
             30
         };
         Duration::from_secs(self.visibility_timeout.unwrap_or(default))
+    }
+
+    /// How long start-up waits for the database and the broker.
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.startup_timeout)
     }
 }
 
@@ -141,6 +156,10 @@ pub struct ServeArgs {
     /// Seconds a request may take, slow body upload included, before it is cut off.
     #[arg(long, env = "MAILHOOK_REQUEST_TIMEOUT", default_value_t = 30)]
     pub request_timeout: u64,
+
+    /// Seconds the worker may fail to store before `/health` reports it `stalled`.
+    #[arg(long, env = "MAILHOOK_STALL_AFTER", default_value_t = 60)]
+    pub stall_after: u64,
 
     /// Callbacks handled at once; beyond this, 503 with Retry-After instead of buffering more
     /// bodies (memory stays under about this times the body limit when the queue is slow).

@@ -7,12 +7,17 @@ use tracing_subscriber::EnvFilter;
 
 use mailhook::app::{self, App};
 use mailhook::config::{Cli, Command, CommonArgs, DlqCommand};
+use mailhook::secret::redact_url;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         // Colour codes only on a terminal: redirected to a file, logs stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        // A log line that cannot be written (stdout on a full disk) is dropped. By default the
+        // subscriber reports it with `eprintln!`, which panics when stderr fails too: that
+        // panic killed the queue's writer thread and request handlers mid-answer.
+        .log_internal_errors(false)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
@@ -33,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
             app::open_store(&common, 1)
                 .await
                 .context("applying migrations")?;
-            tracing::info!(database = %redact(&common.database_url), "migrations applied");
+            tracing::info!(database = %redact_url(&common.database_url), "migrations applied");
         }
         Command::Dlq(cmd) => dlq(&common, cmd).await?,
     }
@@ -105,12 +110,4 @@ fn shutdown_signal() -> CancellationToken {
         t.cancel();
     });
     token
-}
-
-/// Hides the password in a URL before it is logged.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
-        _ => url.to_owned(),
-    }
 }

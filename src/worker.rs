@@ -2,6 +2,12 @@
 //!
 //! Delivery is at least once (a crash between commit and ack redelivers the batch); the unique
 //! `dedupe_key` makes the insert idempotent, so the table sees each event exactly once.
+//!
+//! Two kinds of failure, handled apart. The database refusing a message's own data: the batch
+//! is stored one message at a time, and a message refused `max_attempts` times goes to the dead
+//! letters. The database being unavailable (down, out of disk space, read-only, failing I/O):
+//! the worker keeps the batch in hand, stops fetching, and retries with backoff until it is
+//! back; no delivery attempt is spent on an outage, and nothing is dead-lettered for one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::DEFAULT_TASK;
+use crate::health::{with_causes, Backoff, Health, Part};
 use crate::infobip::{self, NewCallback, PayloadError};
 use crate::queue::celery::{self, BodyError};
 use crate::queue::{Broker, Delivery};
@@ -32,23 +39,6 @@ pub enum DecodeError {
     Payload(#[from] PayloadError),
 }
 
-/// `error` followed by its causes, `: `-separated: a dead letter's reason is read on its own,
-/// without the log. A cause whose text the message already ends with (sqlx repeats its
-/// database error's text in its own message) is not repeated.
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        let more = e.to_string();
-        if !text.ends_with(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = e.source();
-    }
-    text
-}
-
 /// How the worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -62,6 +52,9 @@ pub struct WorkerConfig {
     pub base_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
+    /// Longest wait between two tries while the store or the queue is unavailable: short, so
+    /// that the service recovers within seconds of the fault going away.
+    pub max_outage_backoff: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -72,6 +65,7 @@ impl Default for WorkerConfig {
             max_attempts: 10,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
+            max_outage_backoff: Duration::from_secs(5),
         }
     }
 }
@@ -81,17 +75,50 @@ pub struct Worker {
     broker: Broker,
     store: Arc<dyn Store>,
     cfg: WorkerConfig,
+    health: Arc<Health>,
+    /// Acks that fail (the queue's disk is full, say) repeat for every batch: logged through
+    /// this, once and then in summaries.
+    acks: Part,
+}
+
+/// Messages decoded and waiting to be stored: `rows[ends[i-1]..ends[i]]` are `good[i]`'s.
+struct Decoded {
+    good: Vec<Delivery>,
+    ends: Vec<usize>,
+    rows: Vec<NewCallback>,
+}
+
+impl Decoded {
+    /// The rows of `good[i..j]`.
+    fn rows(&self, i: usize, j: usize) -> &[NewCallback] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        let end = if j == 0 { 0 } else { self.ends[j - 1] };
+        &self.rows[start..end]
+    }
 }
 
 impl Worker {
-    /// Creates a worker.
+    /// Creates a worker (reporting to a health record of its own; see [`Worker::with_health`]).
     pub fn new(broker: Broker, store: Arc<dyn Store>, cfg: WorkerConfig) -> Self {
-        Worker { broker, store, cfg }
+        Worker {
+            broker,
+            store,
+            cfg,
+            health: Arc::default(),
+            acks: Part::new("acks"),
+        }
     }
 
-    /// Runs until `shutdown` fires; the batch in hand is finished (stored and acked) first.
+    /// Reports the store's and the worker's state to `health` (what `/health` reads).
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// Runs until `shutdown` fires; the batch in hand is finished (stored and acked) first,
+    /// unless the store is unavailable: then it is handed back to the queue.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut broker_failures = 0u32;
+        let mut fetch_backoff = self.outage_backoff();
         while !shutdown.is_cancelled() {
             let fetched = tokio::select! {
                 r = self.broker.fetch(self.cfg.batch_size, Duration::from_secs(1)) => r,
@@ -99,21 +126,18 @@ impl Worker {
             };
             match fetched {
                 Ok(batch) => {
-                    broker_failures = 0;
-                    if !batch.is_empty() {
-                        self.process(batch).await;
+                    fetch_backoff.reset();
+                    if batch.is_empty() {
+                        // Idle and able to fetch: nothing is stuck.
+                        self.health.worker.ok();
+                    } else {
+                        self.process(batch, &shutdown).await;
                     }
                 }
                 Err(e) => {
-                    broker_failures = broker_failures.saturating_add(1);
-                    let wait = self.backoff(broker_failures);
-                    tracing::warn!(
-                        error = &e as &dyn std::error::Error,
-                        retry_in = ?wait,
-                        "fetch failed"
-                    );
+                    self.health.worker.failed(&e);
                     tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
+                        () = tokio::time::sleep(fetch_backoff.next_wait()) => {}
                         () = shutdown.cancelled() => break,
                     }
                 }
@@ -122,60 +146,104 @@ impl Worker {
         tracing::info!("worker stopped");
     }
 
-    /// Stores one batch and settles every message in it: acked, retried or dead-lettered.
-    pub async fn process(&self, batch: Vec<Delivery>) {
+    /// Stores one batch and settles every message in it: acked, retried or dead-lettered; or,
+    /// when `shutdown` fires while the store is unavailable, handed back to the queue.
+    pub async fn process(&self, batch: Vec<Delivery>, shutdown: &CancellationToken) {
         let span = tracing::info_span!("batch", messages = batch.len());
-        self.settle(batch).instrument(span).await;
+        self.settle(batch, shutdown).instrument(span).await;
     }
 
-    async fn settle(&self, batch: Vec<Delivery>) {
-        let mut rows: Vec<NewCallback> = Vec::new();
-        let mut good: Vec<Delivery> = Vec::with_capacity(batch.len());
-        // `rows[ends[i-1]..ends[i]]` are the rows of `good[i]`.
-        let mut ends: Vec<usize> = Vec::with_capacity(batch.len());
-        for d in batch {
-            match self.decode(&d) {
+    async fn settle(&self, batch: Vec<Delivery>, shutdown: &CancellationToken) {
+        let mut d = Decoded {
+            good: Vec::with_capacity(batch.len()),
+            ends: Vec::with_capacity(batch.len()),
+            rows: Vec::new(),
+        };
+        for m in batch {
+            match self.decode(&m) {
                 Ok(r) => {
-                    rows.extend(r);
-                    ends.push(rows.len());
-                    good.push(d);
+                    d.rows.extend(r);
+                    d.ends.push(d.rows.len());
+                    d.good.push(m);
                 }
-                Err(e) => self.dead_letter(&d, &with_causes(&e)).await,
+                Err(e) => self.dead_letter(&m, &with_causes(&e)).await,
             }
         }
-        if good.is_empty() {
-            return;
+        // `good[from..]` are still to store; they stay in hand while the store is unavailable.
+        let mut from = 0;
+        let mut backoff = self.outage_backoff();
+        while from < d.good.len() {
+            let Err((left, e)) = self.store_from(&d, from).await else {
+                self.health.worker.ok();
+                return;
+            };
+            from = left;
+            self.health.store.failed(&e);
+            self.health.worker.failed(&e);
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_wait()) => {}
+                () = shutdown.cancelled() => {
+                    // Handed back at once for whoever consumes next: still no attempt spent
+                    // beyond the delivery in hand.
+                    if let Err(e) = self.broker.retry(&d.good[from..], Duration::ZERO).await {
+                        tracing::warn!(
+                            error = &e as &dyn std::error::Error,
+                            "could not hand the batch back; it is redelivered when its lease ends"
+                        );
+                    }
+                    return;
+                }
+            }
         }
-        match self.store.insert_batch(&rows).await {
+    }
+
+    /// Stores `good[from..]`, then acks it; when the batch's data is refused, one message at a
+    /// time. On an outage, returns where storing stopped and why: the messages from there on
+    /// are neither acked nor retried (still in hand).
+    async fn store_from(&self, d: &Decoded, from: usize) -> Result<(), (usize, StoreError)> {
+        let n = d.good.len();
+        let e = match self.store.insert_batch(d.rows(from, n)).await {
             Ok(inserted) => {
-                let duplicates = rows.len() as u64 - inserted;
+                self.health.store.ok();
+                let events = d.rows(from, n).len();
                 tracing::info!(
-                    messages = good.len(),
-                    events = rows.len(),
+                    messages = n - from,
+                    events,
                     inserted,
-                    duplicates,
+                    duplicates = events as u64 - inserted,
                     "batch stored"
                 );
-                self.ack(&good).await;
+                self.ack(&d.good[from..]).await;
+                return Ok(());
             }
-            Err(e) if e.is_data_error() && good.len() > 1 => {
-                // One message's data was refused; store the others one by one so a single bad
-                // message cannot hold the whole batch back.
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "batch refused by the database; storing one by one"
-                );
-                let mut start = 0;
-                for (d, end) in good.into_iter().zip(ends) {
-                    match self.store.insert_batch(&rows[start..end]).await {
-                        Ok(_) => self.ack(std::slice::from_ref(&d)).await,
-                        Err(e) => self.failed(vec![d], &e).await,
-                    }
-                    start = end;
-                }
-            }
-            Err(e) => self.failed(good, &e).await,
+            Err(e) if !e.is_data_error() => return Err((from, e)),
+            Err(e) => e,
+        };
+        // The database answers, and refused this data.
+        self.health.store.ok();
+        if n - from == 1 {
+            self.failed(vec![d.good[from].clone()], &e).await;
+            return Ok(());
         }
+        // One message's data was refused; store the others one by one so a single bad message
+        // cannot hold the whole batch back.
+        tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "batch refused by the database; storing one by one"
+        );
+        for i in from..n {
+            match self.store.insert_batch(d.rows(i, i + 1)).await {
+                Ok(_) => self.ack(std::slice::from_ref(&d.good[i])).await,
+                Err(e) if e.is_data_error() => self.failed(vec![d.good[i].clone()], &e).await,
+                Err(e) => return Err((i, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Backoff between tries while something is unavailable.
+    fn outage_backoff(&self) -> Backoff {
+        Backoff::new(self.cfg.base_backoff, self.cfg.max_outage_backoff)
     }
 
     /// Parks a message on the dead-letter queue with `reason`.
@@ -192,16 +260,14 @@ impl Worker {
     }
 
     async fn ack(&self, done: &[Delivery]) {
-        if let Err(e) = self.broker.ack(done).await {
+        match self.broker.ack(done).await {
+            Ok(()) => self.acks.ok(),
             // The rows are committed; redelivery will find them and insert nothing.
-            tracing::warn!(
-                error = &e as &dyn std::error::Error,
-                "ack failed; messages will be redelivered"
-            );
+            Err(e) => self.acks.failed(&e),
         }
     }
 
-    /// Retries messages whose rows could not be stored, or dead-letters those out of attempts.
+    /// Retries messages whose data the database refused, or dead-letters those out of attempts.
     async fn failed(&self, batch: Vec<Delivery>, error: &StoreError) {
         let (exhausted, again): (Vec<_>, Vec<_>) = batch
             .into_iter()
@@ -223,7 +289,7 @@ impl Worker {
             error = error as &dyn std::error::Error,
             messages = again.len(),
             retry_in = ?wait,
-            "store failed; retrying"
+            "data refused by the database; retrying"
         );
         if let Err(e) = self.broker.retry(&again, wait).await {
             tracing::warn!(

@@ -17,6 +17,7 @@ use axum::Router;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::health::Health;
 use crate::queue::Broker;
 use auth::Auth;
 
@@ -33,6 +34,10 @@ pub struct AppState {
     pub body_limit: usize,
     /// Permits for callbacks in flight: when none is left, shed load (503) rather than queue.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// What the queue, the store and the worker last recorded (read by `/health`).
+    pub health: Arc<Health>,
+    /// Whether this process runs a worker (`/health` reports the store and worker only then).
+    pub worker: bool,
 }
 
 /// Builds the router with no authentication (anyone may post): for tests and embedding.
@@ -52,6 +57,7 @@ pub fn authenticated_router(state: AppState, request_timeout: Duration, auth: Ar
     Router::new()
         .route("/email", email)
         .route("/health", get(health::health))
+        .route("/health/live", get(health::live))
         .fallback(|| async { error::ApiError::NotFound })
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))

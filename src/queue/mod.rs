@@ -22,6 +22,8 @@ use tokio::time::Instant;
 
 pub use celery::TaskMessage;
 
+use crate::health::Part;
+
 /// Bytes of messages one fetch hands out at most (a first message larger than this is taken
 /// alone): a batch of large callbacks cannot exhaust the worker's memory. Infobip's largest
 /// bucket is about 9 MB, so such a payload still travels, one per batch.
@@ -158,6 +160,8 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Broker {
     backend: Arc<dyn Backend>,
+    /// How publishing goes, on any backend (what `/health` and metrics read).
+    publishes: Arc<Part>,
 }
 
 impl Broker {
@@ -165,12 +169,25 @@ impl Broker {
     pub fn new(backend: impl Backend) -> Self {
         Broker {
             backend: Arc::new(backend),
+            publishes: Arc::new(Part::new("queue")),
         }
+    }
+
+    /// How publishing goes: every publish's outcome is recorded there (a saturated queue,
+    /// which sheds load, is not a failure).
+    pub fn part(&self) -> Arc<Part> {
+        self.publishes.clone()
     }
 
     /// Enqueues `msg`; returns only once the broker has it durably.
     pub async fn publish(&self, msg: &TaskMessage) -> Result<(), QueueError> {
-        self.backend.publish(msg).await
+        let r = self.backend.publish(msg).await;
+        match &r {
+            Ok(()) => self.publishes.ok(),
+            Err(QueueError::Overloaded(_)) => {}
+            Err(e) => self.publishes.failed(e),
+        }
+        r
     }
 
     /// Takes up to `max` messages (and about [`MAX_FETCH_BYTES`]), waiting at most `wait` for

@@ -157,6 +157,17 @@ impl RedisBackend {
     /// kombu does when a queue is declared.
     pub async fn open(cfg: &BrokerConfig) -> Result<Self, QueueError> {
         let client = redis::Client::open(cfg.url.as_str())?;
+        // One plain connection first: the manager below retries its first connection several
+        // times before it reports anything, and start-up wants the cause at once (refused,
+        // unknown host, bad password) to say what it waits for.
+        let probe = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Duration::from_secs(5))
+            .set_response_timeout(Duration::from_secs(5));
+        drop(
+            client
+                .get_multiplexed_async_connection_with_config(&probe)
+                .await?,
+        );
         // Our commands never block on the server, so a response timeout only catches a dead
         // connection; it must still exceed a fetch script moving a large batch.
         let manager = ConnectionManagerConfig::new()

@@ -9,6 +9,7 @@
 //! Consumers lease messages in `queue_lease`, apart from the messages, so that taking a message
 //! rewrites a few bytes and not its body; a crashed consumer's leases simply expire.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +25,8 @@ use thiserror::Error;
 use super::{
     parse_time, time_text, Backend, BrokerConfig, DeadLetter, Delivery, QueueError, TaskMessage,
 };
-use crate::sqlite::{connect_options, Checkpointer};
+use crate::health::{Backoff, Panicked, Part, Status};
+use crate::sqlite::{connect_options, file_of, is_data_error, Checkpointer};
 
 /// Operations a single group commit takes at most.
 const MAX_GROUP: usize = 512;
@@ -32,6 +34,10 @@ const MAX_GROUP: usize = 512;
 const MAX_GROUP_BYTES: usize = 4 << 20;
 /// Operations waiting for the writer; a publish beyond this is refused (503, backpressure).
 const WRITER_BACKLOG: usize = 4096;
+/// First and longest wait, while the file cannot be written, before the writer tries a write
+/// of its own (when nobody asks for one) to find out whether the fault is over.
+const PROBE_MIN: Duration = Duration::from_millis(100);
+const PROBE_MAX: Duration = Duration::from_secs(2);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS queue_message (
@@ -51,6 +57,11 @@ CREATE TABLE IF NOT EXISTS queue_lease (
     visible_at INTEGER NOT NULL,    -- unix ms; hidden from consumers until then
     attempts   INTEGER NOT NULL     -- deliveries so far
 );
+-- One row the writer rewrites to find out whether the file can be written again.
+CREATE TABLE IF NOT EXISTS queue_probe (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 "#;
 
 /// How the embedded queue fails.
@@ -59,8 +70,22 @@ pub enum Error {
     /// SQLite refused or failed a statement (a full disk, a locked or corrupt file, ...).
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
-    /// The writer task is gone: nothing can be written until the process restarts.
-    #[error("the embedded queue writer has stopped")]
+    /// The queue file cannot be opened (a read-only or missing directory, ...).
+    #[error("cannot open the queue file {}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A group commit failed; every write in it failed with it.
+    #[error("the queue's commit failed")]
+    Commit(#[source] Arc<sqlx::Error>),
+    /// The writer's last write failed and it has not written since.
+    #[error("the queue file cannot be written: {0}")]
+    Failing(String),
+    /// The writer dropped the write before answering (it panicked, and is being restarted),
+    /// or is gone for good (the backend is closing).
+    #[error("the embedded queue writer stopped before answering")]
     WriterStopped,
     /// The writer's thread or runtime could not be started.
     #[error("cannot start the embedded queue writer")]
@@ -100,7 +125,7 @@ enum Reply {
 
 struct Cmd {
     op: Op,
-    done: oneshot::Sender<Result<Reply, sqlx::Error>>,
+    done: oneshot::Sender<Result<Reply, Error>>,
 }
 
 /// A queue stored in a SQLite database file.
@@ -109,6 +134,8 @@ pub struct SqliteBackend {
     queue: String,
     dlq: String,
     writer: mpsc::Sender<Cmd>,
+    /// How the writer's last write went (a failure stays until a write succeeds again).
+    writes: Arc<Part>,
     published: Arc<Notify>,
     _checkpointer: Checkpointer,
 }
@@ -125,38 +152,46 @@ impl SqliteBackend {
         cfg: &BrokerConfig,
         opts: SqliteConnectOptions,
     ) -> Result<Self, QueueError> {
+        let path = file_of(&opts);
+        let open = |source| Error::Open {
+            path: path.clone(),
+            source,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
             .connect_with(opts.clone())
-            .await?;
+            .await
+            .map_err(open)?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        let conn = SqliteConnection::connect_with(&opts).await?;
-        let checkpointer = Checkpointer::start(&opts).await?;
+        let conn = SqliteConnection::connect_with(&opts).await.map_err(open)?;
+        let checkpointer = Checkpointer::start(&opts).await.map_err(open)?;
         let (tx, rx) = mpsc::channel(WRITER_BACKLOG);
         let published = Arc::new(Notify::new());
+        let writes = Arc::new(Part::new(format!("queue writer of {}", path.display())));
         let writer = Writer {
-            conn,
+            opts,
+            conn: Some(conn),
             queue: cfg.queue.clone(),
             dlq: cfg.dlq(),
             visibility_ms: i64::try_from(cfg.visibility_timeout.as_millis()).unwrap_or(i64::MAX),
+            writes: writes.clone(),
+            probe: Backoff::new(PROBE_MIN, PROBE_MAX),
         };
         // The writer gets a thread of its own (it is the one place this process writes the
         // queue from); its future also borrows across awaits in ways rustc cannot yet prove
         // `Send` for sqlx's executors, which a current-thread runtime does not require.
         let notify = published.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(Error::StartWriter)?;
+        let runtime = writer_runtime().map_err(Error::StartWriter)?;
         std::thread::Builder::new()
             .name("mailhook-queue-writer".into())
-            .spawn(move || runtime.block_on(writer.run(rx, notify)))
+            .spawn(move || writer.supervise(runtime, rx, &notify))
             .map_err(Error::StartWriter)?;
         Ok(SqliteBackend {
             pool,
             queue: cfg.queue.clone(),
             dlq: cfg.dlq(),
             writer: tx,
+            writes,
             published,
             _checkpointer: checkpointer,
         })
@@ -177,18 +212,74 @@ fn stopped() -> QueueError {
     Error::WriterStopped.into()
 }
 
+fn writer_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// Owns the one connection this process writes the queue with.
 struct Writer {
-    conn: SqliteConnection,
+    opts: SqliteConnectOptions,
+    /// `None` after a failure that may have left it inside a transaction: a new one is opened
+    /// for the next write.
+    conn: Option<SqliteConnection>,
     queue: String,
     dlq: String,
     visibility_ms: i64,
+    writes: Arc<Part>,
+    /// Wait before the next probe while writes fail.
+    probe: Backoff,
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, published: Arc<Notify>) {
+    /// Runs the writer until every sender is gone, on its own thread; a panic (in the writer or
+    /// in what it calls) starts it again on a new connection and runtime, so that it never
+    /// stops for good. Callers whose writes were in hand at the panic get an error (503).
+    fn supervise(
+        mut self,
+        mut runtime: tokio::runtime::Runtime,
+        mut rx: mpsc::Receiver<Cmd>,
+        published: &Notify,
+    ) {
+        let mut backoff = Backoff::new(PROBE_MIN, PROBE_MAX);
+        loop {
+            let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                runtime.block_on(self.run(&mut rx, published))
+            }));
+            let Err(payload) = ran else { return };
+            self.writes.failed(&Panicked::new(
+                "the embedded queue writer",
+                payload.as_ref(),
+            ));
+            // Its transaction, if any, is abandoned with it: closing the connection rolls back.
+            self.conn = None;
+            std::thread::sleep(backoff.next_wait());
+            // A runtime that unwound mid-poll is not trusted again.
+            match writer_runtime() {
+                Ok(rt) => runtime = rt,
+                Err(e) => self.writes.failed(&e),
+            }
+        }
+    }
+
+    async fn run(&mut self, rx: &mut mpsc::Receiver<Cmd>, published: &Notify) {
         let mut group: Vec<Cmd> = Vec::with_capacity(MAX_GROUP);
-        while let Some(first) = rx.recv().await {
+        loop {
+            let first = if matches!(self.writes.status(), Status::Ok) {
+                rx.recv().await
+            } else {
+                // While writes fail, nobody may ask for one (a load balancer stops sending when
+                // /health says 503): probe now and then, so that recovery shows by itself.
+                match tokio::time::timeout(self.probe.next_wait(), rx.recv()).await {
+                    Ok(cmd) => cmd,
+                    Err(_) => {
+                        self.probe().await;
+                        continue;
+                    }
+                }
+            };
+            let Some(first) = first else { return };
             let mut bytes = body_len(&first.op);
             group.push(first);
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
@@ -204,24 +295,37 @@ impl Writer {
             let cmds = std::mem::take(&mut group);
             match self.transaction(&cmds).await {
                 Ok(replies) => {
+                    self.succeeded();
                     for (c, r) in cmds.into_iter().zip(replies) {
                         // A caller that gave up (client went away) no longer listens.
                         let _ = c.done.send(Ok(r));
                     }
                 }
-                Err(e) => {
-                    tracing::error!(
-                        error = &e as &dyn std::error::Error,
-                        ops = cmds.len(),
-                        "embedded queue commit failed"
-                    );
-                    // Run each alone, so that one failing operation fails alone.
+                Err(e) if is_data_error(&e) && cmds.len() > 1 => {
+                    // One write's data was refused: run each alone, so that it fails alone.
                     for c in cmds {
-                        let r = self
-                            .transaction(std::slice::from_ref(&c))
-                            .await
-                            .map(|mut r| r.pop().unwrap_or(Reply::Done));
+                        let r = self.transaction(std::slice::from_ref(&c)).await;
+                        match &r {
+                            Ok(_) => self.succeeded(),
+                            Err(e) if !is_data_error(e) => self.writes.failed(e),
+                            Err(_) => {}
+                        }
+                        let r = r
+                            .map(|mut r| r.pop().unwrap_or(Reply::Done))
+                            .map_err(|e| Error::Commit(Arc::new(e)));
                         let _ = c.done.send(r);
+                    }
+                }
+                Err(e) => {
+                    // The file cannot be written (a full disk, an I/O error, a read-only or
+                    // locked file): every write in the group fails with it; running each
+                    // alone would only fail each again.
+                    if !is_data_error(&e) {
+                        self.writes.failed(&e);
+                    }
+                    let e = Arc::new(e);
+                    for c in cmds {
+                        let _ = c.done.send(Err(Error::Commit(e.clone())));
                     }
                 }
             }
@@ -231,25 +335,67 @@ impl Writer {
         }
     }
 
-    /// Runs `ops` in one `BEGIN IMMEDIATE` transaction: one commit, one fsync for all of them.
-    async fn transaction(&mut self, ops: &[Cmd]) -> Result<Vec<Reply>, sqlx::Error> {
-        sqlx::raw_sql("BEGIN IMMEDIATE")
-            .execute(&mut self.conn)
-            .await?;
-        match self.apply(ops).await {
-            Ok(replies) => {
-                sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
-                Ok(replies)
-            }
-            Err(e) => {
-                // The transaction is being abandoned: a failed rollback changes nothing more.
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
-                Err(e)
-            }
+    fn succeeded(&mut self) {
+        self.writes.ok();
+        self.probe.reset();
+    }
+
+    /// A write of nothing that matters, to find out whether the file can be written again.
+    async fn probe(&mut self) {
+        match self.transaction(&[]).await {
+            Ok(_) => self.succeeded(),
+            Err(e) => self.writes.failed(&e),
         }
     }
 
-    async fn apply(&mut self, ops: &[Cmd]) -> Result<Vec<Reply>, sqlx::Error> {
+    /// Runs `ops` in one `BEGIN IMMEDIATE` transaction: one commit, one fsync for all of them
+    /// (no operation: a probe, which rewrites the probe row).
+    ///
+    /// On any failure the transaction is rolled back, and unless the failure was the data's,
+    /// the connection is closed and a new one opened for the next write: a COMMIT that fails
+    /// with SQLITE_FULL or an I/O error can leave SQLite's transaction open, and writes made on
+    /// it later would be answered "committed" while never reaching the file.
+    async fn transaction(&mut self, ops: &[Cmd]) -> Result<Vec<Reply>, sqlx::Error> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => SqliteConnection::connect_with(&self.opts).await?,
+        };
+        let result = async {
+            sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut conn).await?;
+            let replies = if ops.is_empty() {
+                sqlx::query(
+                    "INSERT INTO queue_probe (id, at) VALUES (1, ?1) \
+                     ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                )
+                .bind(now_ms())
+                .execute(&mut conn)
+                .await?;
+                Vec::new()
+            } else {
+                self.apply(&mut conn, ops).await?
+            };
+            sqlx::raw_sql("COMMIT").execute(&mut conn).await?;
+            Ok(replies)
+        }
+        .await;
+        match &result {
+            Ok(_) => self.conn = Some(conn),
+            Err(e) => {
+                let rolled_back = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
+                if is_data_error(e) && rolled_back.is_ok() {
+                    self.conn = Some(conn);
+                }
+                // Otherwise `conn` is dropped here: closing it ends whatever it still holds.
+            }
+        }
+        result
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut SqliteConnection,
+        ops: &[Cmd],
+    ) -> Result<Vec<Reply>, sqlx::Error> {
         let now = now_ms();
         let publishes: Vec<&TaskMessage> = ops
             .iter()
@@ -269,23 +415,23 @@ impl Writer {
                     .push_bind(m.body.as_ref())
                     .push_bind(now);
             });
-            q.build().execute(&mut self.conn).await?;
+            q.build().execute(&mut *conn).await?;
         }
         let mut replies = Vec::with_capacity(ops.len());
         for c in ops {
             let reply = match &c.op {
                 Op::Publish(_) => Reply::Done,
                 Op::Claim { max, max_bytes } => {
-                    Reply::Claimed(self.claim(*max, *max_bytes, now).await?)
+                    Reply::Claimed(self.claim(conn, *max, *max_bytes, now).await?)
                 }
                 Op::Ack(ids) => {
-                    by_ids(&mut self.conn, "DELETE FROM queue_message", ids).await?;
-                    by_ids(&mut self.conn, "DELETE FROM queue_lease", ids).await?;
+                    by_ids(conn, "DELETE FROM queue_message", ids).await?;
+                    by_ids(conn, "DELETE FROM queue_lease", ids).await?;
                     Reply::Done
                 }
                 Op::Retry { ids, visible_at } => {
                     let head = format!("UPDATE queue_lease SET visible_at = {visible_at}");
-                    by_ids(&mut self.conn, &head, ids).await?;
+                    by_ids(conn, &head, ids).await?;
                     Reply::Done
                 }
                 Op::DeadLetter {
@@ -303,9 +449,9 @@ impl Writer {
                     .bind(time_text(failed_at))
                     .bind(i64::from(*attempts))
                     .bind(id)
-                    .execute(&mut self.conn)
+                    .execute(&mut *conn)
                     .await?;
-                    by_ids(&mut self.conn, "DELETE FROM queue_lease", &[*id]).await?;
+                    by_ids(conn, "DELETE FROM queue_lease", &[*id]).await?;
                     Reply::Done
                 }
             };
@@ -317,7 +463,8 @@ impl Writer {
     /// Leases up to `max` visible messages, within `max_bytes` of bodies (the first is always
     /// taken), and returns them.
     async fn claim(
-        &mut self,
+        &self,
+        conn: &mut SqliteConnection,
         max: usize,
         max_bytes: usize,
         now: i64,
@@ -332,7 +479,7 @@ impl Writer {
         .bind(&self.queue)
         .bind(now)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(&mut self.conn)
+        .fetch_all(&mut *conn)
         .await?;
         if candidates.is_empty() {
             return Ok(Vec::new());
@@ -357,7 +504,7 @@ impl Writer {
             " ON CONFLICT (id) DO UPDATE SET visible_at = excluded.visible_at, \
              attempts = excluded.attempts",
         );
-        q.build().execute(&mut self.conn).await?;
+        q.build().execute(&mut *conn).await?;
 
         let mut q = QueryBuilder::<Sqlite>::new(
             "SELECT id, task_id, task, body FROM queue_message WHERE id IN (",
@@ -367,7 +514,7 @@ impl Writer {
             sep.push_bind(*id);
         }
         q.push(") ORDER BY id");
-        let rows = q.build().fetch_all(&mut self.conn).await?;
+        let rows = q.build().fetch_all(&mut *conn).await?;
         let attempts: std::collections::HashMap<i64, i64> = chosen.into_iter().collect();
         rows.into_iter()
             .map(|r| {
@@ -531,11 +678,15 @@ impl Backend for SqliteBackend {
         Ok(n)
     }
 
+    /// Reads how the writer's last write went, touching no file: it answers at once even
+    /// when SQLite is wedged. A writer that failed probes by itself until it writes again.
     async fn ping(&self) -> Result<(), QueueError> {
         if self.writer.is_closed() {
             return Err(stopped());
         }
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        match self.writes.status() {
+            Status::Ok => Ok(()),
+            Status::Failing { error, .. } => Err(Error::Failing(error).into()),
+        }
     }
 }

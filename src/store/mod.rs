@@ -18,6 +18,13 @@ pub enum StoreError {
     /// The database failed or could not be reached; retrying later may succeed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// The SQLite file cannot be opened (a read-only or missing directory, ...).
+    #[error("cannot open the database file {}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
     /// Migrations could not be applied.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -29,23 +36,36 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True when the database refused this data (retrying the same rows cannot help), as
-    /// opposed to being unreachable, busy or timing out.
+    /// True when the database refused this data: retrying the same rows cannot help, while
+    /// other rows may go through (so a batch is split, and a message whose rows keep being
+    /// refused ends in the dead letters). Anything else is an outage, over when the fault is:
+    /// the database unreachable, restarting, out of disk space (SQLite SQLITE_FULL, PostgreSQL
+    /// class 53, MySQL "table is full" / error 28), read-only, failing I/O, or missing its
+    /// table. Rows waiting for an outage to end are never dead-lettered for it.
     pub fn is_data_error(&self) -> bool {
-        match self {
-            StoreError::Database(sqlx::Error::Database(e)) => {
-                // SQLite BUSY/LOCKED are transient even though they come back as database errors.
-                let code = e.code();
-                let busy = matches!(code.as_deref(), Some("5" | "6" | "517" | "262"));
-                // PostgreSQL class 08 (connection), 40 (rollback), 53 (resources), 57 (operator
-                // intervention, e.g. shutdown) are transient.
-                let pg_transient = code
-                    .as_deref()
-                    .is_some_and(|c| c.len() == 5 && ["08", "40", "53", "57"].contains(&&c[..2]));
-                !busy && !pg_transient
-            }
-            _ => false,
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        if crate::sqlite::is_data_error(e) {
+            return true;
         }
+        let sqlx::Error::Database(db) = e else {
+            return false;
+        };
+        if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+            // Refused values whose SQLSTATE is the generic HY000: an invalid character string
+            // (1366, 1300), a row too large (1118), a statement over max_allowed_packet (1153,
+            // 1301: one message alone may still fit).
+            if matches!(my.number(), 1366 | 1300 | 1118 | 1153 | 1301) {
+                return true;
+            }
+        } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            return false;
+        }
+        // SQLSTATE (PostgreSQL, and MySQL's mapping): data exceptions (22), integrity
+        // constraints (23), program limits such as an index row too large (54).
+        db.code()
+            .is_some_and(|c| c.len() == 5 && ["22", "23", "54"].contains(&&c[..2]))
     }
 }
 

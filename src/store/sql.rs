@@ -6,14 +6,18 @@ use async_trait::async_trait;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{MySql, MySqlPool, PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{
+    Connection, Executor, MySql, MySqlPool, PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool,
+};
 
 use super::{Store, StoreError, StoredCallback};
 use crate::infobip::NewCallback;
-use crate::sqlite::{connect_options, Checkpointer};
+use crate::sqlite::{connect_options, file_of, Checkpointer};
 
 /// Rows per INSERT statement: 18 parameters each stays under both databases' limits.
 const CHUNK: usize = 1000;
+/// How long a failed batch's ROLLBACK may take before its connection is closed regardless.
+const ROLLBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 macro_rules! columns {
     () => {
@@ -33,11 +37,16 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let opts = connect_options(url)?;
+        let open = |source| StoreError::Open {
+            path: file_of(&opts),
+            source,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(opts.clone())
-            .await?;
-        let checkpointer = Checkpointer::start(&opts).await?;
+            .await
+            .map_err(open)?;
+        let checkpointer = Checkpointer::start(&opts).await.map_err(open)?;
         Ok(SqliteStore {
             pool,
             _checkpointer: checkpointer,
@@ -53,6 +62,9 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects to PostgreSQL.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        // One plain connection first: the pool retries a refused connection until its acquire
+        // timeout and then reports only that it timed out; start-up wants the cause at once.
+        sqlx::PgConnection::connect(url).await?.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(std::time::Duration::from_secs(5))
@@ -70,6 +82,8 @@ pub struct MySqlStore {
 impl MySqlStore {
     /// Connects to MySQL/MariaDB.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        // As for PostgreSQL: the cause of a failure at once, not the pool's timeout.
+        sqlx::MySqlConnection::connect(url).await?.close().await?;
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(std::time::Duration::from_secs(5))
@@ -110,19 +124,14 @@ fn pg_json(text: &str) -> String {
 macro_rules! sql_store {
     ($store:ty, $db:ty, $migrations:literal, $on_conflict:literal, $json_cast:literal,
      $read_open:literal, $read_close:literal, $json:expr) => {
-        #[async_trait]
-        impl Store for $store {
-            async fn migrate(&self) -> Result<(), StoreError> {
-                sqlx::migrate!($migrations).run(&self.pool).await?;
-                Ok(())
-            }
-
-            async fn insert_batch(&self, rows: &[NewCallback]) -> Result<u64, StoreError> {
-                if rows.is_empty() {
-                    return Ok(0);
-                }
+        impl $store {
+            /// BEGIN, the inserts, COMMIT: how many rows were new (see [`Store::insert_batch`]).
+            async fn insert_in_transaction(
+                conn: &mut sqlx::pool::PoolConnection<$db>,
+                rows: &[NewCallback],
+            ) -> Result<u64, sqlx::Error> {
                 let json: fn(&str) -> String = $json;
-                let mut tx = self.pool.begin().await?;
+                (&mut **conn).execute("BEGIN").await?;
                 let mut inserted = 0;
                 for chunk in rows.chunks(CHUNK) {
                     let mut q = QueryBuilder::<$db>::new(concat!("INSERT INTO ", columns!()));
@@ -148,10 +157,38 @@ macro_rules! sql_store {
                             .push_bind(&r.dedupe_key);
                     });
                     q.push($on_conflict);
-                    inserted += q.build().execute(&mut *tx).await?.rows_affected();
+                    inserted += q.build().execute(&mut **conn).await?.rows_affected();
                 }
-                tx.commit().await?;
+                (&mut **conn).execute("COMMIT").await?;
                 Ok(inserted)
+            }
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            async fn migrate(&self) -> Result<(), StoreError> {
+                sqlx::migrate!($migrations).run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn insert_batch(&self, rows: &[NewCallback]) -> Result<u64, StoreError> {
+                if rows.is_empty() {
+                    return Ok(0);
+                }
+                // The transaction is ours, not sqlx's `Transaction`: when its COMMIT fails,
+                // sqlx hands the connection back to the pool, and SQLite keeps a transaction
+                // open after a COMMIT that failed with SQLITE_FULL (so that it can be
+                // retried); the next batches on that connection were then answered
+                // "inserted", acked, and rolled back with it. Here a connection that failed
+                // anywhere is rolled back and closed, never reused.
+                let mut conn = self.pool.acquire().await?;
+                let result = Self::insert_in_transaction(&mut conn, rows).await;
+                if result.is_err() {
+                    // Bounded: a connection that hangs is closed all the same.
+                    let _ = tokio::time::timeout(ROLLBACK_TIMEOUT, conn.execute("ROLLBACK")).await;
+                    conn.close_on_drop();
+                }
+                Ok(result?)
             }
 
             async fn by_id_externo(

@@ -111,12 +111,16 @@ async fn unprocessable_messages_are_dead_lettered_and_replayable() {
 async fn a_message_that_keeps_failing_is_dead_lettered_after_max_attempts() {
     let dir = tempfile::tempdir().expect("dir");
     let (b, s) = setup(dir.path()).await;
-    // The table is gone: every insert fails, as a permanently broken database would.
+    // The database refuses this message's data every time, as a constraint would. (A table
+    // that is gone is an outage: the message waits for it, see `faults`.)
     let pool = table(dir.path()).await;
-    sqlx::query("DROP TABLE email_callback")
-        .execute(&pool)
-        .await
-        .expect("drop");
+    sqlx::query(
+        "CREATE TRIGGER refuse_all BEFORE INSERT ON email_callback \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
     let m = TaskMessage::for_payload(DEFAULT_TASK, example("clicked").as_bytes(), Utc::now());
     b.publish(&m).await.expect("publish");
     let cfg = WorkerConfig {

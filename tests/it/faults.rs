@@ -14,7 +14,7 @@ use mailhook::worker::{Worker, WorkerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::app::{serve_args, spawn_with, sqlite_common};
+use crate::common::app::{serve_args, spawn_with, sqlite_common, TestApp};
 use crate::common::brokers::broker_cfg;
 use crate::common::{eventually, example, wait_for_rows};
 
@@ -34,6 +34,8 @@ async fn full_queue_disk_answers_503_then_recovers() {
         queue: "email-webhook".into(),
         body_limit: 1 << 20,
         in_flight: Arc::new(tokio::sync::Semaphore::new(64)),
+        health: Arc::default(),
+        worker: false,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -92,10 +94,37 @@ async fn full_queue_disk_answers_503_then_recovers() {
     handle.await.expect("worker");
 }
 
+/// `GET /health` on `app`: its status code and JSON body.
+pub async fn health(app: &TestApp) -> (u16, serde_json::Value) {
+    let r = app
+        .client
+        .get(app.url("/health"))
+        .send()
+        .await
+        .expect("health");
+    let code = r.status().as_u16();
+    (code, r.json().await.expect("health JSON"))
+}
+
+/// The most deliveries any message of the queue file at `url` has had.
+pub async fn max_attempts(url: &str) -> Option<i64> {
+    let q = sqlx::SqlitePool::connect(url).await.ok()?;
+    let n = sqlx::query_scalar("SELECT max(attempts) FROM queue_lease")
+        .fetch_one(&q)
+        .await
+        .ok()?;
+    q.close().await;
+    n
+}
+
 #[tokio::test]
-async fn database_failure_is_retried_with_the_message_kept() {
+async fn a_missing_table_is_an_outage_waited_out_without_spending_attempts() {
     let dir = tempfile::tempdir().expect("dir");
-    let app = spawn_with(sqlite_common(dir.path()), serve_args(&[])).await;
+    let app = spawn_with(
+        sqlite_common(dir.path()),
+        serve_args(&["--stall-after", "1"]),
+    )
+    .await;
     // Break the table under the worker: inserts fail until it is back.
     let url = format!("sqlite://{}", dir.path().join("mailhook.db").display());
     let pool = sqlx::SqlitePool::connect(&url).await.expect("pool");
@@ -104,25 +133,41 @@ async fn database_failure_is_retried_with_the_message_kept() {
         .await
         .expect("rename");
     assert_eq!(app.post(example("delivered")).await.status(), 202);
-    // The worker fails, keeps the message and tries again (attempts counted on the queue).
+    // The worker holds the message and retries; /health says the store fails, then that the
+    // worker is stalled, while callbacks are still accepted (200, degraded).
+    let (code, body) = eventually("a stalled worker", Duration::from_secs(10), || async {
+        let (code, body) = health(&app).await;
+        body["worker"]
+            .as_str()?
+            .starts_with("stalled")
+            .then_some((code, body))
+    })
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["queue"], "ok", "{body}");
+    assert!(
+        body["store"]
+            .as_str()
+            .is_some_and(|s| s.contains("no such table")),
+        "{body}"
+    );
+    // No delivery attempt is spent on an outage, and nothing is dead-lettered for it.
     let q_url = format!(
         "sqlite://{}",
         dir.path().join("mailhook-queue.db").display()
     );
-    let q = sqlx::SqlitePool::connect(&q_url).await.expect("queue pool");
-    eventually("a second attempt", Duration::from_secs(10), || async {
-        let n: i64 = sqlx::query_scalar("SELECT max(attempts) FROM queue_lease")
-            .fetch_one(&q)
-            .await
-            .ok()?;
-        (n >= 2).then_some(())
-    })
-    .await;
+    assert_eq!(max_attempts(&q_url).await, Some(1));
     assert_eq!(app.store.count().await.ok(), None, "the table is away");
     sqlx::query("ALTER TABLE email_callback_away RENAME TO email_callback")
         .execute(&pool)
         .await
         .expect("rename back");
     wait_for_rows(&app.store, 1).await;
+    eventually("/health ok again", Duration::from_secs(10), || async {
+        let (code, body) = health(&app).await;
+        (code == 200 && body["status"] == "ok" && body["worker"] == "ok").then_some(())
+    })
+    .await;
     app.stop().await;
 }

@@ -8,6 +8,7 @@ use sqlx::Connection;
 use crate::common::app::{common_args, serve_args, spawn_with};
 use crate::common::databases::{pg_admin_url, pg_database};
 use crate::common::{eventually, example, wait_for_rows};
+use crate::faults::{health, max_attempts};
 
 #[tokio::test]
 async fn database_outage_delays_but_loses_nothing() {
@@ -19,7 +20,7 @@ async fn database_outage_delays_but_loses_nothing() {
     let dir = tempfile::tempdir().expect("dir");
     let queue_url = format!("sqlite://{}", dir.path().join("q.db").display());
     let common = common_args(&["--database-url", &db_url, "--broker-url", &queue_url]);
-    let app = spawn_with(common, serve_args(&[])).await;
+    let app = spawn_with(common, serve_args(&["--stall-after", "1"])).await;
 
     assert_eq!(app.post(example("delivered")).await.status(), 202);
     wait_for_rows(&app.store, 1).await;
@@ -42,18 +43,18 @@ async fn database_outage_delays_but_loses_nothing() {
     for name in ["opened", "clicked", "delivered-dict"] {
         assert_eq!(app.post(example(name)).await.status(), 202, "{name}");
     }
-    // The worker is failing and retrying; the messages wait on the queue.
-    let q = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("q.db").display()))
-        .await
-        .expect("queue");
-    eventually("a retried delivery", Duration::from_secs(20), || async {
-        let n: Option<i64> = sqlx::query_scalar("SELECT max(attempts) FROM queue_lease")
-            .fetch_one(&q)
-            .await
-            .ok()?;
-        (n? >= 2).then_some(())
+    // The worker holds its batch and retries; /health names the store's error and, past
+    // --stall-after, a stalled worker, while callbacks are still accepted.
+    let body = eventually("a stalled worker", Duration::from_secs(20), || async {
+        let (code, body) = health(&app).await;
+        (code == 200 && body["worker"].as_str()?.starts_with("stalled")).then_some(body)
     })
     .await;
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_ne!(body["store"], "ok", "{body}");
+    // No delivery attempt is spent on the outage.
+    let q_url = format!("sqlite://{}", dir.path().join("q.db").display());
+    assert_eq!(max_attempts(&q_url).await, Some(1));
 
     sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS true"))
         .execute(&mut admin)

@@ -7,6 +7,7 @@ pub mod brokers;
 pub mod celery;
 pub mod databases;
 pub mod process;
+pub mod tmpfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

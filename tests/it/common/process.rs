@@ -90,6 +90,24 @@ pub fn opened_body() -> MakeBody {
     })
 }
 
+/// A delivery report of `events` results, messageIds `<id>-<n>`, each with `pad` bytes of
+/// callbackData: the shape and size of what Infobip posts under load.
+pub fn report_body(events: usize, pad: usize) -> MakeBody {
+    let data = json!({"qj_contact_id": 7, "pad": "x".repeat(pad)}).to_string();
+    Arc::new(move |id: &str| {
+        let ids: Vec<String> = (0..events).map(|n| format!("{id}-{n}")).collect();
+        let results: Vec<_> = ids
+            .iter()
+            .map(|m| {
+                json!({"messageId": m, "to": "a@b.c", "doneAt": "2024-08-07T08:00:00.000+0000",
+                    "status": {"groupName": "DELIVERED", "name": "DELIVERED_TO_HANDSET"},
+                    "callbackData": data})
+            })
+            .collect();
+        (json!({ "results": results }).to_string(), ids)
+    })
+}
+
 /// Clients posting unique callbacks until stopped, keeping the messageIds answered 2xx.
 pub struct Load {
     accepted: Arc<Mutex<Vec<String>>>,
