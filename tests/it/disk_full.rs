@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::common::databases::{pg_admin_url, pg_database};
 use crate::common::eventually;
-use crate::common::process::{free_port, mailhook, report_body, spawn, wait_healthy, Load};
+use crate::common::process::{free_port, mailhook, report_body, spawn, wait_healthy, Load, Proc};
 use crate::common::tmpfs::Tmpfs;
 
 /// Senders at once, and the report each posts: 5 events with about 800 bytes of callbackData.
@@ -66,6 +66,49 @@ async fn health(client: &reqwest::Client, port: u16) -> Option<u16> {
     Some(r.status().as_u16())
 }
 
+/// The issue's check on a service that `start` runs on `port`: senders post reports while the
+/// disk fills (`fs` left with `leave` bytes free) and until `fault_seen` has held for
+/// [`FULL_FOR`]; the space comes back; every messageId that got a 2xx must be stored exactly
+/// once (as `stored` reads the table) within [`RECOVERY`] with no restart, `/health` answer 200
+/// again, and the same hold after a `kill -9` and a restart.
+async fn fill_then_recover<Fa, FaFut, St, StFut>(
+    fs: &Tmpfs,
+    leave: u64,
+    port: u16,
+    tag: &'static str,
+    start: impl Fn() -> Proc,
+    fault_seen: Fa,
+    stored: St,
+) where
+    Fa: Fn() -> FaFut,
+    FaFut: Future<Output = Option<()>>,
+    St: Fn() -> StFut,
+    StFut: Future<Output = Option<HashMap<String, i64>>>,
+{
+    let client = reqwest::Client::new();
+    let p = start();
+    wait_healthy(&client, port).await;
+    fs.fill_leaving(leave);
+
+    let load = Load::start_with(port, SENDERS, tag, report_body(EVENTS, PAD));
+    eventually("the fault to show", Duration::from_secs(30), &fault_seen).await;
+    tokio::time::sleep(FULL_FOR).await;
+    let accepted = load.stop().await;
+    assert!(!accepted.is_empty(), "some callbacks were accepted");
+
+    fs.resize("300m");
+    assert_stored_once(&accepted, RECOVERY, &stored).await;
+    eventually("/health to answer 200 again", RECOVERY, || async {
+        (health(&client, port).await? == 200).then_some(())
+    })
+    .await;
+
+    drop(p); // kill -9
+    let _p = start();
+    wait_healthy(&client, port).await;
+    assert_stored_once(&accepted, RECOVERY, &stored).await;
+}
+
 /// The embedded default with everything on the small disk: the queue file, the table file,
 /// and the log (stdout and stderr), as in the issue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +117,6 @@ async fn embedded_full_disk_loses_nothing_and_recovers_by_itself() {
         return;
     };
     let dir = fs.path();
-    let client = reqwest::Client::new();
     let port = free_port();
     let start = || {
         let log = std::fs::OpenOptions::new()
@@ -89,35 +131,15 @@ async fn embedded_full_disk_loses_nothing_and_recovers_by_itself() {
             .stderr(log);
         spawn(cmd, port)
     };
-    let p = start();
-    wait_healthy(&client, port).await;
-    fs.fill_leaving(3 << 20);
-
-    let load = Load::start_with(port, SENDERS, "full", report_body(EVENTS, PAD));
-    load.wait_accepted(EVENTS).await;
-    eventually(
-        "/health to answer 503 on the full disk",
-        Duration::from_secs(30),
-        || async { (health(&client, port).await? == 503).then_some(()) },
-    )
-    .await;
-    tokio::time::sleep(FULL_FOR).await;
-    let accepted = load.stop().await;
-    assert!(!accepted.is_empty());
-
-    fs.resize("300m");
     let url = format!("sqlite://{}", dir.join("mailhook.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.expect("table");
-    assert_stored_once(&accepted, RECOVERY, || stored_sqlite(&pool)).await;
-    eventually("/health to answer 200 again", RECOVERY, || async {
-        (health(&client, port).await? == 200).then_some(())
+    let pool = sqlx::SqlitePool::connect_lazy(&url).expect("table");
+    let client = reqwest::Client::new();
+    // The queue refuses what it cannot commit, and /health says so.
+    let refusing = || async { (health(&client, port).await? == 503).then_some(()) };
+    fill_then_recover(&fs, 3 << 20, port, "full", start, refusing, || {
+        stored_sqlite(&pool)
     })
     .await;
-
-    drop(p); // kill -9
-    let _p = start();
-    wait_healthy(&client, port).await;
-    assert_stored_once(&accepted, RECOVERY, || stored_sqlite(&pool)).await;
     pool.close().await;
 }
 
@@ -129,7 +151,6 @@ async fn embedded_table_on_a_full_disk_loses_nothing() {
         return;
     };
     let queue_dir = tempfile::tempdir().expect("dir");
-    let client = reqwest::Client::new();
     let port = free_port();
     let db = format!("sqlite://{}", fs.path().join("mailhook.db").display());
     let queue = format!("sqlite://{}", queue_dir.path().join("queue.db").display());
@@ -140,36 +161,21 @@ async fn embedded_table_on_a_full_disk_loses_nothing() {
             .env("MAILHOOK_VISIBILITY_TIMEOUT", "5");
         spawn(cmd, port)
     };
-    let p = start();
-    wait_healthy(&client, port).await;
-    fs.fill_leaving(2 << 20);
-
-    let load = Load::start_with(port, SENDERS, "table", report_body(EVENTS, PAD));
-    let pool = sqlx::SqlitePool::connect(&db).await.expect("table");
-    // Until the table stops growing for a while: its disk is full.
+    let pool = sqlx::SqlitePool::connect_lazy(&db).expect("table");
+    // The table stops growing for half a second: its disk is full.
     let last = std::sync::atomic::AtomicI64::new(-1);
-    eventually(
-        "the table to stop growing",
-        Duration::from_secs(30),
-        || async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM email_callback")
-                .fetch_one(&pool)
-                .await
-                .ok()?;
-            (last.swap(n, std::sync::atomic::Ordering::Relaxed) == n).then_some(())
-        },
-    )
+    let stopped_growing = || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM email_callback")
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        (last.swap(n, std::sync::atomic::Ordering::Relaxed) == n).then_some(())
+    };
+    fill_then_recover(&fs, 2 << 20, port, "table", start, stopped_growing, || {
+        stored_sqlite(&pool)
+    })
     .await;
-    tokio::time::sleep(FULL_FOR).await;
-    let accepted = load.stop().await;
-
-    fs.resize("300m");
-    assert_stored_once(&accepted, RECOVERY, || stored_sqlite(&pool)).await;
-    drop(p); // kill -9
-    let _p = start();
-    wait_healthy(&client, port).await;
-    assert_stored_once(&accepted, RECOVERY, || stored_sqlite(&pool)).await;
     pool.close().await;
 }
 
@@ -282,7 +288,6 @@ async fn postgres_out_of_space_loses_nothing() {
     space.hold_table(&db_url).await;
 
     let queue_dir = tempfile::tempdir().expect("dir");
-    let client = reqwest::Client::new();
     let port = free_port();
     let start = || {
         let mut cmd = mailhook(queue_dir.path(), &["serve"], port);
@@ -291,35 +296,21 @@ async fn postgres_out_of_space_loses_nothing() {
             .env("MAILHOOK_MAX_ATTEMPTS", "2");
         spawn(cmd, port)
     };
-    let p = start();
-    wait_healthy(&client, port).await;
-    fs.fill_leaving(2 << 20);
-
-    let load = Load::start_with(port, SENDERS, "pg", report_body(EVENTS, PAD));
-    eventually(
-        "/health to report the store failing",
-        Duration::from_secs(30),
-        || async {
-            let r = client
-                .get(format!("http://127.0.0.1:{port}/health"))
-                .send()
-                .await
-                .ok()?;
-            let body: serde_json::Value = r.json().await.ok()?;
-            (body["store"].as_str()? != "ok").then_some(())
-        },
-    )
-    .await;
-    tokio::time::sleep(FULL_FOR).await;
-    let accepted = load.stop().await;
-
-    fs.resize("300m");
+    let client = reqwest::Client::new();
+    let store_failing = || async {
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            .ok()?;
+        let body: serde_json::Value = r.json().await.ok()?;
+        (body["store"].as_str()? != "ok").then_some(())
+    };
     let pool = sqlx::PgPool::connect(&db_url).await.expect("db");
-    assert_stored_once(&accepted, RECOVERY, || stored_pg(&pool)).await;
-    drop(p); // kill -9
-    let _p = start();
-    wait_healthy(&client, port).await;
-    assert_stored_once(&accepted, RECOVERY, || stored_pg(&pool)).await;
+    fill_then_recover(&fs, 2 << 20, port, "pg", start, store_failing, || {
+        stored_pg(&pool)
+    })
+    .await;
     let dead = std::process::Command::new(crate::common::binary())
         .args(["dlq", "list"])
         .current_dir(queue_dir.path())
